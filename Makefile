@@ -1,0 +1,31 @@
+# `make test` and `make demo` build .venv from scratch on a fresh machine and reuse it after.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.phalanx-installed
+# The CPU wheel of torch lies on the project's machines' disk; an unpinned torch would pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+demo: $(STAMP)
+	$(VENV)/bin/phalanx train configs/tiny.yaml
+	$(VENV)/bin/phalanx report runs/tiny
+
+bench: $(STAMP)
+	$(PY) benchmarks/trainer_overhead.py
+
+clean:
+	rm -rf $(VENV) runs

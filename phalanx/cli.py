@@ -1,0 +1,114 @@
+"""`phalanx` command line: train, data prepare, report.
+
+Errors a user can cause print one line and exit with code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from phalanx.errors import ConfigError, PhalanxError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phalanx", description="composable parallel training with one-step fault tolerance")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train from a YAML config (one process, or each rank under torchrun)")
+    train.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="byte-level tokens of a text file into a .bin for data.kind=memmap")
+    prep.add_argument("text_file")
+    prep.add_argument("out", help="output .bin (a .json description is written beside it)")
+    prep.add_argument("--force", action="store_true", help="replace an existing output")
+
+    report = sub.add_parser("report", help="plots and a summary of a run directory")
+    report.add_argument("run_dir", help="e.g. runs/tiny")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from phalanx.config import load_config, to_yaml, validate
+    from phalanx.launch.dist import env_world
+
+    cfg = load_config(args.config, args.overrides)
+    rank, world, _ = env_world()
+    validate(cfg, world)
+    if args.print_config:
+        if rank == 0:
+            print(to_yaml(cfg), end="")
+        return 0
+
+    from phalanx.launch.dist import broadcast_object, init_distributed, shutdown
+    from phalanx.trainer import Trainer
+    from phalanx.trainer.rundir import prepare_run_dir
+
+    ctx = init_distributed(cfg)
+    try:
+        # Rank 0 decides the folder (fresh or resumed) once; the others follow, or raise its error.
+        outcome = None
+        if ctx.is_main:
+            try:
+                outcome = prepare_run_dir(cfg)
+            except PhalanxError as err:
+                outcome = err
+        outcome = broadcast_object(outcome, ctx)
+        if isinstance(outcome, PhalanxError):
+            raise outcome
+        run_dir, messages = outcome
+        cfg.run.name = run_dir.rstrip("/").rsplit("/", 1)[-1]
+        if ctx.is_main:
+            for message in messages:
+                print(message, flush=True)
+        Trainer(cfg, ctx, run_dir).fit()
+    finally:
+        shutdown()
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from phalanx.data.prepare import prepare_bytes
+
+    meta = prepare_bytes(args.text_file, args.out, force=args.force)
+    print(f"wrote {meta['tokens']:,} byte tokens to {args.out} (vocab 256, uint16)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from phalanx.report import report
+
+    print(report(args.run_dir))
+    return 0
+
+
+@record
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"train": _train, "data": _data, "report": _report}[args.command]
+    try:
+        return handler(args)
+    except PhalanxError as err:
+        if args.debug:
+            raise
+        from phalanx.launch.dist import env_world
+
+        rank, world, _ = env_world()
+        # A config error is the same on every rank: say it once.
+        if rank == 0 or not isinstance(err, ConfigError):
+            prefix = f"[rank {rank}] " if world > 1 and not isinstance(err, ConfigError) else ""
+            print(f"phalanx: error: {prefix}{err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Configuration: OmegaConf structured dataclasses, YAML files plus dotlist overrides.
+
+`load_config(path, overrides)` merges a YAML file and `section.key=value` overrides onto the
+schema below in struct mode; `validate(cfg, world_size)` checks every value and cross-field
+rule and raises `ConfigError` with a one-line message that quotes the values and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from phalanx.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs"  # the run lives in {dir}/{name}
+    seed: int = 0
+    resume: bool = True  # relaunching the same command continues from the newest checkpoint
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "gpt"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (MHA); fewer: GQA / MQA
+    ffn_dim: Optional[int] = None  # None: SwiGLU's 8/3 * d_model rounded up to multiple_of
+    multiple_of: int = 32
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | memmap
+    path: Optional[str] = None  # memmap: a .bin of tokens (see `phalanx data prepare`)
+    dtype: str = "auto"  # memmap token dtype: auto (from the .json beside the .bin) | uint16 | uint32
+    seq_len: int = 128
+    val_fraction: float = 0.05  # memmap: trailing share of tokens held out for eval
+    noise: float = 0.1  # synthetic: probability that a token breaks the learnable chain
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    implementation: str = "auto"  # auto | fused | foreach | loop
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16  # global: sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per rank per forward; the rest is gradient accumulation
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer stay fp32)
+    compile: bool = False
+    eval_every: int = 0  # 0: no periodic eval
+    eval_batches: int = 4
+
+
+@dataclass
+class ParallelConfig:
+    dp: Any = "auto"  # an int, or auto: the world size divided by the other degrees
+    sp: int = 1
+    ep: int = 1
+    pp: int = 1
+    dp_backend: str = "ddp"
+
+
+@dataclass
+class CheckpointConfig:
+    persist_every: int = 50  # steps between persistent checkpoints; 0: only at the end
+    keep_last: int = 3  # older checkpoints beyond this many are removed; 0 keeps all
+
+
+@dataclass
+class FaultConfig:
+    collective_timeout_s: float = 300.0  # bound on every torch.distributed wait
+
+
+@dataclass
+class LogConfig:
+    every: int = 1  # steps between metric lines
+    progress: str = "auto"  # auto (bar on a TTY, lines otherwise) | bar | lines | none
+    wandb: str = "offline"  # disabled | offline | online
+    wandb_project: str = "phalanx"
+
+
+@dataclass
+class PhalanxConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.run.dir, self.run.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _section_type(path: list[str]) -> Any:
+    """The dataclass type at a dotted path of the schema, or None."""
+    typ: Any = PhalanxConfig
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) else {}
+        if part not in fields:
+            return None
+        typ = fields[part].type
+        typ = globals().get(typ, typ) if isinstance(typ, str) else typ
+    return typ if dataclasses.is_dataclass(typ) else None
+
+
+def _unknown_key_error(full_key: str) -> ConfigError:
+    parts = full_key.split(".")
+    parent = _section_type(parts[:-1])
+    names = [f.name for f in dataclasses.fields(parent)] if parent else []
+    prefix = ".".join(parts[:-1])
+    close = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.5)
+    if close:
+        fix = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+    else:
+        fix = f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}"
+    return ConfigError(f"unknown config key '{full_key}'; {fix}")
+
+
+def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
+    full_key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        return _unknown_key_error(str(full_key))
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{full_key}: {msg} (in {source}); give a value of the right type")
+    return ConfigError(f"{full_key}: {msg} (in {source})")
+
+
+def _read_yaml(path: str) -> DictConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file such as configs/tiny.yaml")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file '{path}' is a directory; pass the path of a YAML file inside it")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: report where
+        first = " ".join(str(err).split())
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (run:, model:, ...), not a list")
+    return loaded
+
+
+def _read_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.steps=100)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"could not parse overrides {overrides}: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PhalanxConfig:
+    """Schema defaults <- YAML file <- dotlist overrides, in struct mode, as a `PhalanxConfig`."""
+    schema = OmegaConf.structured(PhalanxConfig)
+    OmegaConf.set_struct(schema, True)
+    merged = schema
+    layers = []
+    if path is not None:
+        layers.append((_read_yaml(path), f"'{path}'"))
+    if overrides:
+        layers.append((_read_overrides(overrides), "the command-line overrides"))
+    for layer, source in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, source) from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, "the config") from None
+    assert isinstance(cfg, PhalanxConfig)
+    return cfg
+
+
+def to_yaml(cfg: PhalanxConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}; {hint}".rstrip("; ").rstrip())
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    bad = value < 0 if allow_zero else value <= 0
+    if bad or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} must be {bound}")
+
+
+def resolve_dp(cfg: PhalanxConfig, world_size: int) -> int:
+    """`parallel.dp`, with `auto` filled from the world size and the other degrees."""
+    dp = cfg.parallel.dp
+    if dp == "auto":
+        inner = cfg.parallel.pp * cfg.parallel.sp
+        if inner <= 0 or world_size % inner:
+            raise ConfigError(
+                f"parallel.dp=auto: WORLD_SIZE({world_size}) is not divisible by pp({cfg.parallel.pp}) * "
+                f"sp({cfg.parallel.sp}) = {inner}; change pp or sp, or launch a multiple of {inner} processes"
+            )
+        return world_size // inner
+    if isinstance(dp, bool) or not isinstance(dp, int):
+        try:
+            dp = int(str(dp))
+        except ValueError:
+            raise ConfigError(f"parallel.dp={dp!r} must be a positive integer or auto") from None
+    if dp < 1:
+        raise ConfigError(f"parallel.dp={dp} must be a positive integer or auto")
+    return dp
+
+
+def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
+    """Check every field and cross-field rule; resolve `parallel.dp`. Raises ConfigError."""
+    from phalanx.models import MODEL_KINDS  # the registry; no torch work happens here
+
+    r, m, d, o, t, p = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel
+    if not r.name or "/" in r.name or r.name in (".", ".."):
+        raise ConfigError(f"run.name={r.name!r} must be a plain directory name such as 'tiny'")
+    _one_of("run.device", r.device, ("auto", "cpu", "cuda"))
+
+    _one_of("model.kind", m.kind, tuple(sorted(MODEL_KINDS)))
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model({m.d_model}) is not divisible by model.n_heads({m.n_heads}); "
+            f"choose n_heads dividing {m.d_model}"
+        )
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(
+            f"head dim model.d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE; change d_model or n_heads"
+        )
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    if kv < 1 or m.n_heads % kv:
+        raise ConfigError(
+            f"model.n_heads({m.n_heads}) is not divisible by model.n_kv_heads({kv}); "
+            f"set n_kv_heads to a divisor of {m.n_heads}"
+        )
+    if m.ffn_dim is not None:
+        _positive("model.ffn_dim", m.ffn_dim)
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.init_std", m.init_std)
+
+    _one_of("data.kind", d.kind, ("synthetic", "memmap"))
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len({d.seq_len}) exceeds model.max_seq_len({m.max_seq_len}); "
+            f"lower data.seq_len or raise model.max_seq_len"
+        )
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if not 0.0 <= d.noise <= 1.0:
+        raise ConfigError(f"data.noise={d.noise} must be in [0, 1]")
+    _one_of("data.dtype", d.dtype, ("auto", "uint16", "uint32"))
+    if d.kind == "memmap":
+        if not d.path:
+            raise ConfigError("data.kind=memmap needs data.path, a .bin made by `phalanx data prepare TEXT_FILE OUT.bin`")
+        if not os.path.isfile(d.path):
+            raise ConfigError(
+                f"data.path='{d.path}' does not exist; create it with `phalanx data prepare TEXT_FILE {d.path}`"
+            )
+
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.eps", o.eps)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _one_of("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
+    _one_of("optim.implementation", o.implementation, ("auto", "fused", "foreach", "loop"))
+
+    _positive("train.steps", t.steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.eval_batches", t.eval_batches)
+    _one_of("train.dtype", t.dtype, ("fp32", "bf16"))
+
+    for key in ("sp", "ep", "pp"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    dp = resolve_dp(cfg, world_size)
+    per_step = t.micro_batch_size * dp
+    if t.batch_size % per_step:
+        fix = per_step * max(1, round(t.batch_size / per_step))
+        raise ConfigError(
+            f"train.batch_size({t.batch_size}) is not divisible by train.micro_batch_size({t.micro_batch_size}) * "
+            f"dp({dp}) = {per_step}; set train.batch_size to a multiple of {per_step} (e.g. {fix})"
+        )
+
+    _positive("checkpoint.persist_every", cfg.checkpoint.persist_every, allow_zero=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
+    _positive("fault.collective_timeout_s", cfg.fault.collective_timeout_s)
+    _positive("log.every", cfg.log.every)
+    _one_of("log.progress", cfg.log.progress, ("auto", "bar", "lines", "none"))
+    _one_of("log.wandb", cfg.log.wandb, ("disabled", "offline", "online"))
+
+    from phalanx.parallel import validate_layout
+
+    validate_layout(cfg, world_size, dp)
+    cfg.parallel.dp = dp
+    return cfg

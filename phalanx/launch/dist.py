@@ -1,0 +1,89 @@
+"""Process-group start from the torchrun environment; one process runs without torch.distributed."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from phalanx.errors import ConfigError
+
+
+@dataclass
+class DistContext:
+    """Who this process is and what it runs on. `mesh` is None in a one-process run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: Optional[Any] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def coord(self, dim: str) -> tuple[int, int]:
+        """(rank, size) of this process along mesh dimension `dim`."""
+        if self.mesh is None:
+            return 0, 1
+        return self.mesh.get_local_rank(dim), self.mesh[dim].size()
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when absent."""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    except ValueError as err:
+        raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {err}; launch with torchrun") from None
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg) -> DistContext:
+    """Start the default process group (gloo on CPU, NCCL on CUDA) and the device mesh, if world > 1."""
+    rank, world, local_rank = env_world()
+    device = pick_device(cfg.run.device, local_rank)
+    ctx = DistContext(rank, world, local_rank, device)
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=cfg.fault.collective_timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
+        from phalanx.parallel import ParallelDims
+
+        p = cfg.parallel
+        dims = ParallelDims(dp=p.dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=world)
+        ctx.mesh = dims.build_mesh(device.type)
+    return ctx
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's `obj` on every rank (decisions made once: run dir, checkpoint to resume)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

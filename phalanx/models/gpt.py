@@ -1,0 +1,186 @@
+"""A Llama-style GPT, readable top to bottom: RMSNorm, RoPE, MHA/GQA attention, SwiGLU MLP.
+
+Built on the meta device and materialised after parallelisation (`materialize`). Two seams
+for the parallel strategies:
+  * `Attention.core` computes attention from (q, k, v); Ulysses sequence parallelism wraps it
+    in all-to-alls without touching the projections.
+  * `Block.mlp` is any module mapping (B, T, d) -> (B, T, d); mixture-of-experts replaces it.
+Blocks live in `GPT.layers`, a ModuleDict keyed "0".."L-1": a pipeline stage deletes the
+blocks it does not own and the remaining names (and so checkpoint keys) stay unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from phalanx.config import ModelConfig
+
+
+def ffn_dim(cfg: ModelConfig) -> int:
+    """SwiGLU hidden size: 8/3 * d_model (same FLOPs as a 4*d GELU MLP), rounded up to multiple_of."""
+    if cfg.ffn_dim is not None:
+        return cfg.ffn_dim
+    hidden = int(8 * cfg.d_model / 3)
+    return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16 autocast.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_seq_len, head_dim // 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., 2i], x[..., 2i+1]); x: (B, T, nh, hs), cos/sin: (T, hs/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, nh, hs/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class CoreAttention(nn.Module):
+    """Causal attention of (B, T, nh, hs) queries over (B, T, nkv, hs) keys/values -> (B, T, nh, hs)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        groups = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.core = CoreAttention()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self.core(q, k, v)  # (B, T, nh, hs)
+        return self.wo(y.reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, ffn_dim(cfg))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE tables are derived, not state: computed in materialize(), never checkpointed.
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.d_model // cfg.n_heads // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.d_model // cfg.n_heads // 2), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). `positions` (T,) overrides 0..T-1 (sequence shards)."""
+        T = tokens.shape[1]
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
+        for block in self.layers.values():
+            h = block(h, cos, sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Deterministic init from `generator`, in parameter-name order, whatever the device.
+
+        Values are drawn on the CPU and copied, so one seed gives the same model on CPU and GPU.
+        Output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2) to keep the residual stream stable.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+            cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
+            param.copy_(cpu)
+        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
+                               self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.tok_embeddings is not None and not self.cfg.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N + 12 * L * d * T (PaLM appendix B).
+
+    N counts the weights that do matmuls (embedding lookup excluded, output head included);
+    the second term is attention's score and value matmuls over a causal context of `seq_len`.
+    """
+    d, L = cfg.d_model, cfg.n_layers
+    hd = d // cfg.n_heads
+    kv = (cfg.n_kv_heads or cfg.n_heads) * hd
+    per_block = d * d * 2 + d * kv * 2 + 3 * d * ffn_dim(cfg)  # wq, wo, wk, wv, w1, w2, w3
+    n_matmul = L * per_block + d * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * L * d * seq_len

@@ -1,0 +1,63 @@
+"""Parallel degrees and the device mesh they build.
+
+Rank order (outermost to innermost): pp, dp, sp. Inner dimensions vary fastest, so with
+ranks numbered node by node the sequence-parallel group (the heaviest all-to-all traffic)
+stays inside a node, then data parallel, then pipeline stages span nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from phalanx.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+MESH_ORDER = ("pp", "dp", "sp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of every parallelism; validates itself against the world size."""
+
+    dp: int
+    sp: int
+    ep: int
+    pp: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "sp", "ep", "pp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r} must be a positive integer")
+        product = self.pp * self.dp * self.sp
+        if product != self.world_size:
+            raise ConfigError(
+                f"dp({self.dp}) * sp({self.sp}) * pp({self.pp}) = {product} != WORLD_SIZE({self.world_size}); "
+                f"launch {product} processes or change parallel degrees (parallel.dp=auto fills the rest)"
+            )
+        if (self.dp * self.sp) % self.ep:
+            raise ConfigError(
+                f"parallel.ep({self.ep}) must divide dp({self.dp}) * sp({self.sp}) = {self.dp * self.sp}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in MESH_ORDER)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's coordinate along each mesh dimension (row-major over MESH_ORDER)."""
+        out = {}
+        for name, size in reversed(list(zip(MESH_ORDER, self.shape))):
+            out[name] = rank % size
+            rank //= size
+        return {name: out[name] for name in MESH_ORDER}
+
+    def build_mesh(self, device_type: str) -> "DeviceMesh":
+        """The named DeviceMesh over the default process group (which must exist)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_ORDER)

@@ -1,0 +1,286 @@
+"""The Trainer: build -> loop -> hooks. It composes parallel strategies; it owns no parallel logic.
+
+Build order (each step documented because strategies depend on it):
+  1. the model on the meta device (no memory);
+  2. strategies that reshape the model (sequence, expert, pipeline) on meta;
+  3. materialise on the device, initialised from `run.seed` (identical on every rank);
+  4. the data-parallel strategy wraps the materialised model; then `torch.compile` if asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from phalanx.checkpoint.persistent import PersistentCheckpointer
+from phalanx.config import PhalanxConfig
+from phalanx.data import DataPosition, build_dataset
+from phalanx.launch.dist import DistContext, broadcast_object
+from phalanx.launch.signals import StopRequest
+from phalanx.models import build_on_meta, flops_per_token, materialize
+from phalanx.parallel import registry
+from phalanx.parallel.data_parallel import no_sync
+from phalanx.trainer.metrics import memory_gib, peak_flops
+from phalanx.trainer.optim import build_optimizer, build_schedule
+from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker, append_event
+
+Hook = Callable[["Trainer", dict], None]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss; logits (B, T, V) in any dtype, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """One rank's training loop. `state_dict()` is the whole resumable state (checkpoint contract)."""
+
+    RANK_LOCAL_STATE = ("rng",)
+
+    def __init__(self, cfg: PhalanxConfig, ctx: DistContext, run_dir: str):
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.device = ctx.device
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed % 2**32)
+        random.seed(cfg.run.seed)
+
+        model = build_on_meta(cfg.model)
+        materialize(model, self.device, cfg.run.seed)
+        self.n_params = model.num_params()
+        model = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend").apply(model, ctx.mesh, cfg)
+        self.model: nn.Module = torch.compile(model) if cfg.train.compile else model
+
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
+        dp_rank, dp_size = ctx.coord("dp")
+        self.data = DataPosition(build_dataset(cfg), cfg.train.batch_size, cfg.train.micro_batch_size, dp_rank, dp_size)
+        self.checkpointer = PersistentCheckpointer(
+            f"{run_dir}/checkpoints", ctx.rank, ctx.world_size, cfg.checkpoint.keep_last, self.RANK_LOCAL_STATE
+        )
+        self.step = 0
+        self.wandb_run_id: Optional[str] = None
+        self.hooks: list[Hook] = []  # called on every rank after each logged step with its metrics
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.device, cfg.train.dtype)
+        self._last_saved: Optional[int] = None
+        self.last_lr = 0.0
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_state,
+            "optim": optim_state,
+            "lr_schedule": self.schedule.state_dict(),
+            "data": self.data.state_dict(),
+            "step": self.step,
+            "trackers": {"wandb_run_id": self.wandb_run_id},
+            "rng": rng_state(self.device),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.schedule.load_state_dict(state["lr_schedule"])
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.wandb_run_id = state["trackers"].get("wandb_run_id")
+        if "rng" in state:
+            set_rng_state(state["rng"], self.device)
+
+    def save(self) -> None:
+        if self._last_saved == self.step:
+            return
+        start = time.perf_counter()
+        path = self.checkpointer.save(self.step, self.state_dict())
+        self._last_saved = self.step
+        if self.ctx.is_main:
+            append_event(self.run_dir, "checkpoint", step=self.step, path=path, seconds=time.perf_counter() - start)
+
+    def restore(self) -> Optional[int]:
+        """Load the newest committed checkpoint of this run, if any; returns its step."""
+        step = broadcast_object(self.checkpointer.latest() if self.ctx.is_main else None, self.ctx)
+        if step is None:
+            return None
+        state = self.state_dict()
+        self.checkpointer.load(step, state)
+        self.load_state_dict(state)
+        self._last_saved = step
+        return step
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches, clip, optimizer and LR step. Returns (loss, grad norm)."""
+        self.model.train()
+        accumulation = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+            with no_sync(self.model, i < accumulation - 1):
+                with self._autocast():
+                    loss = cross_entropy(self.model(inputs), targets) / accumulation
+                loss.backward()
+            total += loss.detach()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for batch in self.data.eval_batches(self.cfg.train.eval_batches):
+            batch = batch.to(self.device)
+            with self._autocast():
+                losses.append(cross_entropy(self.model(batch[:, :-1]), batch[:, 1:]))
+        return self._dp_mean(torch.stack(losses).mean())
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.ctx.distributed:
+            value = value.detach().clone()
+            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.ctx.mesh["dp"].get_group())
+        return float(value)
+
+    def _agree_stop(self, requested: bool) -> bool:
+        """Every rank stops at the same step if any rank was asked to (SIGTERM may reach one)."""
+        if not self.ctx.distributed:
+            return requested
+        flag = torch.tensor([int(requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _trackers(self, start_step: int) -> list[Tracker]:
+        if not self.ctx.is_main:
+            return []
+        log = self.cfg.log
+        trackers: list[Tracker] = [
+            ConsoleTracker(log.progress, self.cfg.train.steps, start_step),
+            JsonlTracker(f"{self.run_dir}/metrics.jsonl"),
+        ]
+        if log.wandb != "disabled":
+            from omegaconf import OmegaConf
+
+            wandb = WandbTracker(log.wandb, log.wandb_project, self.cfg.run.name, self.run_dir,
+                                 OmegaConf.to_container(OmegaConf.structured(self.cfg)), self.wandb_run_id)
+            self.wandb_run_id = wandb.run_id
+            trackers.append(wandb)
+        return trackers
+
+    def print(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(message, flush=True)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`, resuming from the newest checkpoint; returns the last metrics."""
+        cfg = self.cfg
+        resumed = self.restore() if cfg.run.resume else None
+        if self.ctx.is_main:
+            append_event(self.run_dir, "resume" if resumed is not None else "start", step=self.step,
+                         world_size=self.ctx.world_size)
+        if resumed is not None:
+            self.print(f"resumed {self.run_dir} from checkpoint step-{resumed}")
+        if self.step >= cfg.train.steps:
+            self.print(f"{self.run_dir} is already at step {self.step} (train.steps={cfg.train.steps}); "
+                       f"raise train.steps to train further")
+        trackers = self._trackers(self.step)
+        self.wandb_run_id = broadcast_object(self.wandb_run_id, self.ctx)
+        self.print(f"training {self.n_params / 1e6:.2f}M parameters on {self.ctx.world_size} x {self.device.type} "
+                   f"for {cfg.train.steps} steps -> {self.run_dir}")
+        stop = StopRequest().install()
+        metrics: dict[str, Any] = {}
+        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        start_step = self.step  # the first step of every launch is logged
+        try:
+            interval_start, interval_steps = time.perf_counter(), 0
+            while self.step < cfg.train.steps:
+                loss, grad_norm = self.train_step(self.data.next_step())
+                self.step += 1
+                interval_steps += 1
+                last = self.step == cfg.train.steps
+                if self.step % cfg.log.every == 0 or last or self.step == start_step + 1:
+                    loss_value = self._dp_mean(loss)  # syncs the device: the interval's time is real
+                    seconds = (time.perf_counter() - interval_start) / interval_steps
+                    metrics = self._metrics(loss_value, float(grad_norm), seconds, tokens_per_step)
+                    if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last):
+                        metrics["val_loss"] = self.evaluate()
+                    for tracker in trackers:
+                        tracker.log(metrics)
+                    for hook in self.hooks:
+                        hook(self, metrics)
+                    stopping = self._agree_stop(stop.requested)
+                    if cfg.checkpoint.persist_every and self.step % cfg.checkpoint.persist_every == 0 or stopping:
+                        self.save()
+                    if stopping:
+                        self.print(f"stopped by signal at step {self.step}; checkpoint saved; "
+                                   f"relaunch the same command to resume")
+                        if self.ctx.is_main:
+                            append_event(self.run_dir, "interrupted", step=self.step, signal=stop.signal)
+                        break
+                    interval_start, interval_steps = time.perf_counter(), 0
+                elif cfg.checkpoint.persist_every and self.step % cfg.checkpoint.persist_every == 0:
+                    self.save()
+                    interval_start, interval_steps = time.perf_counter(), 0
+            else:
+                self.save()
+                if self.ctx.is_main:
+                    append_event(self.run_dir, "end", step=self.step)
+        finally:
+            stop.uninstall()
+            for tracker in trackers:
+                tracker.close()
+        return metrics
+
+    def _metrics(self, loss: float, grad_norm: float, seconds: float, tokens_per_step: int) -> dict[str, Any]:
+        tokens_per_s = tokens_per_step / seconds
+        per_device = tokens_per_s / self.ctx.world_size
+        mfu = self.flops_per_token * per_device / self.peak_flops if self.peak_flops else None
+        return {
+            "step": self.step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.last_lr,
+            "step_seconds": seconds,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "mfu": mfu,
+            "memory_gib": memory_gib(self.device),
+        }
+
