@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    train.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for user errors")
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -151,6 +151,8 @@ class GPT(nn.Module):
         Values are drawn on the CPU and copied, so one seed gives the same model on CPU and GPU.
         Output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2) to keep the residual stream stable.
         """
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight  # to_empty() off the meta device unties them
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():

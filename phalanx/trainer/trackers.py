@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from typing import Any, Optional, Protocol
 
@@ -71,7 +72,7 @@ class WandbTracker:
 
         self.wandb = wandb
         self.run = wandb.init(
-            project=project, name=name, id=run_id or wandb.util.generate_id(), resume="allow", mode=mode,
+            project=project, name=name, id=run_id or secrets.token_hex(4), resume="allow", mode=mode,
             dir=run_dir, config=config, settings=wandb.Settings(silent=True, console="off"),
         )
         self.run_id = self.run.id

@@ -1,0 +1,103 @@
+"""Shared helpers: tiny configs, running the CLI in a subprocess, torchrun on loopback, checkpoint reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+# A model small enough that a 2-core machine runs a dozen steps in a couple of seconds.
+TINY = [
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
+    "data.seq_len=32", "train.batch_size=8", "train.micro_batch_size=4", "train.eval_every=0",
+    "log.wandb=disabled", "log.progress=lines", "optim.warmup_steps=2", "log.every=1",
+]
+
+
+def run_overrides(run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, f"run.dir={run_dir}", "run.name=t", *extra]
+
+
+def loopback_env(threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def phalanx_cmd(args: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "phalanx", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "phalanx", *args]
+
+
+def run_phalanx(args: list[str], nproc: int = 1, timeout: float = 300, threads: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(phalanx_cmd(args, nproc), cwd=REPO, env=loopback_env(threads), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a replayed step after a resume replaces the earlier record."""
+    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m["step"] >= step for m in metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (code {proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached within {timeout}s")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A DCP checkpoint folder as one flat {key: value} dict (model and optimizer state)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = Path(str(path) + ".pt-export")
+    if not out.exists():
+        dcp_to_torch_save(str(path), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def assert_bitwise_equal(a: dict, b: dict, prefix: str = "") -> None:
+    assert a.keys() == b.keys(), f"{prefix}: keys differ: {set(a) ^ set(b)}"
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            assert_bitwise_equal(x, y, f"{prefix}.{key}")
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f"{prefix}.{key} differs: max |diff| {(x.float() - y.float()).abs().max()}"
+        else:
+            assert x == y, f"{prefix}.{key}: {x!r} != {y!r}"
+
+
+def final_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    steps = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "manifest.json").exists())
+    return root / f"step-{step if step is not None else steps[-1]}"

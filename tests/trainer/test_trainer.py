@@ -1,0 +1,196 @@
+"""The Trainer: determinism, learning, exact resume, interruption, accumulation, schedules, run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from phalanx.config import OptimConfig, load_config, validate
+from phalanx.errors import ConfigError
+from phalanx.launch.dist import DistContext
+from phalanx.trainer import Trainer
+from phalanx.trainer.optim import lr_factor
+from phalanx.trainer.rundir import prepare_run_dir
+from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, final_checkpoint, load_checkpoint, loopback_env,
+                           losses, metrics, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def make_trainer(run_root: Path, *extra: str) -> Trainer:
+    cfg = validate(load_config(CONFIG, run_overrides(run_root, *extra)))
+    run_dir, _ = prepare_run_dir(cfg)
+    return Trainer(cfg, CPU, run_dir)
+
+
+def test_same_seed_gives_identical_losses(tmp_path):
+    a = make_trainer(tmp_path / "a", "train.steps=6")
+    a.fit()
+    b = make_trainer(tmp_path / "b", "train.steps=6")
+    b.fit()
+    assert losses(a.run_dir) == losses(b.run_dir) and len(losses(a.run_dir)) == 6
+    c = make_trainer(tmp_path / "c", "train.steps=6", "run.seed=1")
+    c.fit()
+    assert losses(c.run_dir) != losses(a.run_dir)
+
+
+def test_loss_falls_far_below_the_start(tmp_path):
+    trainer = make_trainer(tmp_path, "train.steps=40", "optim.lr=0.01", "train.eval_every=20")
+    last = trainer.fit()
+    first = metrics(trainer.run_dir)[0]
+    assert last["loss"] < 0.5 * first["loss"], (first["loss"], last["loss"])
+    assert last["val_loss"] < 0.5 * first["loss"]
+    assert {"grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "memory_gib"} <= last.keys()
+    assert last["mfu"] is None  # no peak FLOPs for a CPU: reported as n/a, not invented
+
+
+def test_crash_and_resume_is_bitwise_identical_in_process(tmp_path):
+    ref = make_trainer(tmp_path / "ref", "train.steps=8", "checkpoint.persist_every=3")
+    ref.fit()
+
+    crashing = make_trainer(tmp_path / "crash", "train.steps=8", "checkpoint.persist_every=3")
+
+    def crash(trainer, m):
+        if m["step"] == 5:
+            raise RuntimeError("simulated crash")
+
+    crashing.hooks.append(crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.fit()
+    resumed = make_trainer(tmp_path / "crash", "train.steps=8", "checkpoint.persist_every=3")
+    assert resumed.restore() == 3
+    resumed.fit()
+    assert resumed.step == 8
+    assert_bitwise_equal(load_checkpoint(final_checkpoint(ref.run_dir, 8)),
+                         load_checkpoint(final_checkpoint(resumed.run_dir, 8)))
+    assert losses(ref.run_dir) == losses(resumed.run_dir)
+
+
+def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(tmp_path):
+    steps = 12
+    args = ["train", CONFIG, *run_overrides(tmp_path / "ref", f"train.steps={steps}", "checkpoint.persist_every=2")]
+    assert run_phalanx(args).returncode == 0
+
+    kill_at = random.Random().randint(2, steps - 2)
+    print(f"killing at step {kill_at}")
+    victim = ["train", CONFIG, *run_overrides(tmp_path / "kill", f"train.steps={steps}", "checkpoint.persist_every=2")]
+    proc = subprocess.Popen(phalanx_cmd(victim), cwd=REPO, env=loopback_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(tmp_path / "kill" / "t", kill_at, proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    relaunch = run_phalanx(victim)
+    assert relaunch.returncode == 0, relaunch.stderr
+    assert "resumed" in relaunch.stdout
+    ref_dir, kill_dir = tmp_path / "ref" / "t", tmp_path / "kill" / "t"
+    assert_bitwise_equal(load_checkpoint(final_checkpoint(ref_dir, steps)), load_checkpoint(final_checkpoint(kill_dir, steps)))
+    assert losses(ref_dir) == losses(kill_dir)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    args = ["train", CONFIG, *run_overrides(tmp_path, "train.steps=100000", "checkpoint.persist_every=0")]
+    proc = subprocess.Popen(phalanx_cmd(args), cwd=REPO, env=loopback_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(tmp_path / "t", 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out
+    events = [json.loads(line) for line in (tmp_path / "t" / "events.jsonl").read_text().splitlines()]
+    stopped = [e for e in events if e["event"] == "interrupted"]
+    assert stopped and (final_checkpoint(tmp_path / "t", stopped[0]["step"]) / "manifest.json").exists()
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    whole = make_trainer(tmp_path / "whole", "train.steps=5", "train.micro_batch_size=8")
+    whole.fit()
+    accumulated = make_trainer(tmp_path / "acc", "train.steps=5", "train.micro_batch_size=2")
+    accumulated.fit()
+    for step, loss in losses(whole.run_dir).items():
+        assert losses(accumulated.run_dir)[step] == pytest.approx(loss, rel=1e-5)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = make_trainer(tmp_path, "train.steps=3", "train.dtype=bf16")
+    last = trainer.fit()
+    assert torch.isfinite(torch.tensor(last["loss"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedule_warmup_then_decay(schedule):
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, schedule=schedule, min_lr_ratio=0.1)
+    factors = [lr_factor(s, 20, cfg) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0
+    if schedule == "constant":
+        assert set(factors[4:]) == {1.0}
+    else:
+        assert factors[20] == pytest.approx(0.1)
+        assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    if schedule == "linear":
+        assert factors[12] == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_retention_keeps_the_newest_and_ignores_torn_checkpoints(tmp_path):
+    trainer = make_trainer(tmp_path, "train.steps=5", "checkpoint.persist_every=1", "checkpoint.keep_last=2")
+    trainer.fit()
+    root = Path(trainer.run_dir) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-5"]
+    torn = root / "step-9"
+    torn.mkdir()
+    (torn / ".metadata").write_bytes(b"garbage")  # no manifest: never loaded
+    (root / "step-7.partial").mkdir()
+    assert trainer.checkpointer.latest() == 5
+
+
+def test_resume_false_starts_fresh_beside_the_old_run(tmp_path):
+    first = make_trainer(tmp_path, "train.steps=2")
+    first.fit()
+    before = {p: p.read_bytes() for p in Path(first.run_dir).rglob("*") if p.is_file()}
+    fresh = make_trainer(tmp_path, "train.steps=2", "run.resume=false")
+    assert fresh.run_dir.endswith("t-2") and fresh.restore() is None
+    fresh.fit()
+    assert {p: p.read_bytes() for p in Path(first.run_dir).rglob("*") if p.is_file()} == before
+    assert "name: t-2" in (Path(fresh.run_dir) / "config.yaml").read_text()
+
+
+def test_resuming_with_a_different_model_is_refused(tmp_path):
+    make_trainer(tmp_path, "train.steps=1").fit()
+    with pytest.raises(ConfigError, match="model.d_model=64 but the config says 32"):
+        make_trainer(tmp_path, "train.steps=1", "model.d_model=32")
+
+
+def test_changed_config_keeps_the_previous_one(tmp_path):
+    make_trainer(tmp_path, "train.steps=1").fit()
+    trainer = make_trainer(tmp_path, "train.steps=3")
+    kept = [p for p in Path(trainer.run_dir).glob("config-*.yaml")]
+    assert len(kept) == 1 and "steps: 1" in kept[0].read_text()
+    assert trainer.restore() == 1
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_continues_after_resume(tmp_path):
+    first = make_trainer(tmp_path, "train.steps=2", "log.wandb=offline")
+    first.fit()
+    run_id = first.wandb_run_id
+    assert run_id
+    again = make_trainer(tmp_path, "train.steps=4", "log.wandb=offline")
+    again.fit()
+    assert again.wandb_run_id == run_id
+    offline_runs = list((Path(first.run_dir) / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline_runs) == 2, offline_runs  # one folder per launch, both of the same wandb run id
+    assert "WANDB_MODE" not in os.environ or os.environ["WANDB_MODE"] != "online"
