@@ -1,0 +1,33 @@
+"""Packaging promises: lazy heavy imports, the report command, the demo config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from phalanx.cli import main
+from tests.helpers import CONFIG, REPO, run_overrides
+
+
+def test_import_pulls_no_heavy_dependency():
+    code = ("import sys, phalanx, phalanx.cli, phalanx.trainer, phalanx.parallel, phalanx.checkpoint, phalanx.data; "
+            "heavy = [m for m in ('ray', 'deepspeed', 'wandb') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_report_draws_the_loss_plot(tmp_path, capsys):
+    assert main(["train", CONFIG, *run_overrides(tmp_path, "train.steps=4")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    png = Path(tmp_path / "t" / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "4 steps logged" in out and "% of the first" in out
+
+
+def test_report_of_a_folder_without_metrics_is_a_user_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
