@@ -41,8 +41,8 @@ class ConsoleTracker:
         line = format_step_line(metrics)
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
-            self.bar.update(metrics["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            self.bar.update(metrics["step"] - self.bar.n)
         else:
             print(line, file=self.stream, flush=True)
 

@@ -209,7 +209,46 @@ class Trainer:
             print(message, flush=True)
 
     def fit(self) -> dict[str, Any]:
-        """Train to `train.steps`, resuming from the newest checkpoint; returns the last metrics."""
+        """Train to `train.steps`, resuming from the newest checkpoint; returns the last logged metrics."""
+        cfg = self.cfg
+        trackers = self._begin()
+        stop = StopRequest().install()
+        metrics: dict[str, Any] = {}
+        first_step = self.step + 1  # the first step of every launch is logged
+        try:
+            interval_start, interval_steps = time.perf_counter(), 0
+            while self.step < cfg.train.steps:
+                loss, grad_norm = self.train_step(self.data.next_step())
+                self.step += 1
+                interval_steps += 1
+                last = self.step == cfg.train.steps
+                logged = self.step % cfg.log.every == 0 or last or self.step == first_step
+                if logged:
+                    metrics = self._log_step(loss, grad_norm, interval_start, interval_steps, trackers, last)
+                # A stop request is agreed at logged steps only when distributed: the agreement is a collective.
+                stopping = self._agree_stop(stop.requested) if logged or not self.ctx.distributed else False
+                persist = cfg.checkpoint.persist_every and self.step % cfg.checkpoint.persist_every == 0
+                if persist or stopping:
+                    self.save()
+                if stopping:
+                    self.print(f"stopped by signal at step {self.step}; checkpoint saved; "
+                               f"relaunch the same command to resume")
+                    if self.ctx.is_main:
+                        append_event(self.run_dir, "interrupted", step=self.step, signal=stop.signal)
+                    return metrics
+                if logged or persist:  # eval, logging and saving are not part of a step's time
+                    interval_start, interval_steps = time.perf_counter(), 0
+            self.save()
+            if self.ctx.is_main:
+                append_event(self.run_dir, "end", step=self.step)
+        finally:
+            stop.uninstall()
+            for tracker in trackers:
+                tracker.close()
+        return metrics
+
+    def _begin(self) -> list[Tracker]:
+        """Restore the newest checkpoint (auto-resume), record the launch, open the trackers."""
         cfg = self.cfg
         resumed = self.restore() if cfg.run.resume else None
         if self.ctx.is_main:
@@ -220,56 +259,29 @@ class Trainer:
         if self.step >= cfg.train.steps:
             self.print(f"{self.run_dir} is already at step {self.step} (train.steps={cfg.train.steps}); "
                        f"raise train.steps to train further")
-        trackers = self._trackers(self.step)
-        self.wandb_run_id = broadcast_object(self.wandb_run_id, self.ctx)
         self.print(f"training {self.n_params / 1e6:.2f}M parameters on {self.ctx.world_size} x {self.device.type} "
                    f"for {cfg.train.steps} steps -> {self.run_dir}")
-        stop = StopRequest().install()
-        metrics: dict[str, Any] = {}
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        start_step = self.step  # the first step of every launch is logged
-        try:
-            interval_start, interval_steps = time.perf_counter(), 0
-            while self.step < cfg.train.steps:
-                loss, grad_norm = self.train_step(self.data.next_step())
-                self.step += 1
-                interval_steps += 1
-                last = self.step == cfg.train.steps
-                if self.step % cfg.log.every == 0 or last or self.step == start_step + 1:
-                    loss_value = self._dp_mean(loss)  # syncs the device: the interval's time is real
-                    seconds = (time.perf_counter() - interval_start) / interval_steps
-                    metrics = self._metrics(loss_value, float(grad_norm), seconds, tokens_per_step)
-                    if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last):
-                        metrics["val_loss"] = self.evaluate()
-                    for tracker in trackers:
-                        tracker.log(metrics)
-                    for hook in self.hooks:
-                        hook(self, metrics)
-                    stopping = self._agree_stop(stop.requested)
-                    if cfg.checkpoint.persist_every and self.step % cfg.checkpoint.persist_every == 0 or stopping:
-                        self.save()
-                    if stopping:
-                        self.print(f"stopped by signal at step {self.step}; checkpoint saved; "
-                                   f"relaunch the same command to resume")
-                        if self.ctx.is_main:
-                            append_event(self.run_dir, "interrupted", step=self.step, signal=stop.signal)
-                        break
-                    interval_start, interval_steps = time.perf_counter(), 0
-                elif cfg.checkpoint.persist_every and self.step % cfg.checkpoint.persist_every == 0:
-                    self.save()
-                    interval_start, interval_steps = time.perf_counter(), 0
-            else:
-                self.save()
-                if self.ctx.is_main:
-                    append_event(self.run_dir, "end", step=self.step)
-        finally:
-            stop.uninstall()
-            for tracker in trackers:
-                tracker.close()
+        trackers = self._trackers(self.step)
+        self.wandb_run_id = broadcast_object(self.wandb_run_id, self.ctx)  # every rank checkpoints the same id
+        return trackers
+
+    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, interval_start: float, interval_steps: int,
+                  trackers: list[Tracker], last: bool) -> dict[str, Any]:
+        """Metrics of this step (and eval when due) to trackers and hooks."""
+        loss_value = self._dp_mean(loss)  # waits for the device, so the interval's time is real
+        seconds = (time.perf_counter() - interval_start) / interval_steps
+        metrics = self._metrics(loss_value, float(grad_norm), seconds)
+        eval_every = self.cfg.train.eval_every
+        if eval_every and (self.step % eval_every == 0 or last):
+            metrics["val_loss"] = self.evaluate()
+        for tracker in trackers:
+            tracker.log(metrics)
+        for hook in self.hooks:
+            hook(self, metrics)
         return metrics
 
-    def _metrics(self, loss: float, grad_norm: float, seconds: float, tokens_per_step: int) -> dict[str, Any]:
-        tokens_per_s = tokens_per_step / seconds
+    def _metrics(self, loss: float, grad_norm: float, seconds: float) -> dict[str, Any]:
+        tokens_per_s = self.cfg.train.batch_size * self.cfg.data.seq_len / seconds
         per_device = tokens_per_s / self.ctx.world_size
         mfu = self.flops_per_token * per_device / self.peak_flops if self.peak_flops else None
         return {
