@@ -87,7 +87,9 @@ class ParallelConfig:
     sp: int = 1
     ep: int = 1
     pp: int = 1
-    dp_backend: str = "ddp"
+    dp_backend: str = "ddp"  # ddp
+    sp_backend: str = "ulysses"
+    comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/parallel/comm.py)
 
 
 @dataclass

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from phalanx.errors import ConfigError
-from phalanx.parallel import data_parallel  # noqa: F401  (registers ddp)
+from phalanx.parallel import data_parallel, sequence  # noqa: F401  (register ddp, ulysses)
 from phalanx.parallel.mesh import ParallelDims
 from phalanx.parallel.registry import available, get, register
 
-_KIND_OF_DIM = {"sp": "sequence", "ep": "expert", "pp": "pipeline"}
+# mesh dimension -> (strategy kind, config key naming the strategy, or None while none is registered)
+_KIND_OF_DIM = {"sp": ("sequence", "sp_backend"), "ep": ("expert", None), "pp": ("pipeline", None)}
 
 
 def validate_layout(cfg: Any, world_size: int, dp: int) -> ParallelDims:
@@ -17,15 +18,15 @@ def validate_layout(cfg: Any, world_size: int, dp: int) -> ParallelDims:
     p = cfg.parallel
     dims = ParallelDims(dp=dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=world_size)
     get("data", p.dp_backend, "parallel.dp_backend").validate(dims, cfg)
-    for dim, kind in _KIND_OF_DIM.items():
-        if getattr(dims, dim) > 1:
-            if not available(kind):
+    for dim, (kind, key) in _KIND_OF_DIM.items():
+        degree = getattr(dims, dim)
+        if degree > 1:
+            if key is None:
                 raise ConfigError(
-                    f"parallel.{dim}={getattr(dims, dim)}: no {kind}-parallel strategy is registered in this phalanx "
+                    f"parallel.{dim}={degree}: no {kind}-parallel strategy is registered in this phalanx "
                     f"version; set parallel.{dim}=1"
                 )
-            for name in available(kind):
-                get(kind, name, f"parallel.{dim}").validate(dims, cfg)
+            get(kind, getattr(p, key), f"parallel.{key}").validate(dims, cfg)
     return dims
 
 

@@ -1,24 +1,26 @@
-"""Data parallelism back ends. `ddp`: torch DistributedDataParallel over the mesh's dp group."""
+"""Data parallelism back ends. `ddp`: torch DistributedDataParallel over the flattened dp x sp group."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import contextlib
 import inspect
+from typing import Any
 
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from phalanx.parallel import comm
+from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.registry import register
-
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 @register("data", "ddp")
 class DDPStrategy:
-    """Gradients averaged over the dp group by DDP's bucketed all-reduce, overlapped with backward."""
+    """Gradients averaged over dp x sp by DDP's bucketed all-reduce, overlapped with backward."""
+
+    on_meta = False  # DDP wraps a materialised model
 
     @staticmethod
     def validate(dims: Any, cfg: Any) -> None:
@@ -26,27 +28,23 @@ class DDPStrategy:
 
     @staticmethod
     def apply(model: nn.Module, mesh: Any, cfg: Any) -> nn.Module:
-        if mesh is None or mesh["dp"].size() == 1:
+        if mesh is None or mesh[DATA_DIM].size() == 1:
             return model
         device = next(model.parameters()).device
         # DDP broadcasts rank 0's parameters at construction. The only buffers (RoPE tables) are
         # derived and identical on every rank, so they are not re-broadcast before each forward.
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
                           else {"broadcast_buffers": False})
-        return DistributedDataParallel(
+        ddp = DistributedDataParallel(
             model,
-            process_group=mesh["dp"].get_group(),
+            process_group=mesh[DATA_DIM].get_group(),
             device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
             **no_buffer_sync,
         )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside any data-parallel wrapper."""
-    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
-    return model
+        if cfg.parallel.comm_stats:
+            ddp.register_comm_hook(mesh[DATA_DIM].get_group(), comm.ddp_counting_hook(DATA_DIM))
+        return ddp
 
 
 def no_sync(model: nn.Module, active: bool) -> Any:
@@ -54,4 +52,3 @@ def no_sync(model: nn.Module, active: bool) -> Any:
     if active and isinstance(model, DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
-

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 MESH_ORDER = ("pp", "dp", "sp")
+DATA_DIM = "dp_sp"  # the flattened (dp, sp) dimension: gradient and loss averaging
 
 
 @dataclass(frozen=True)
@@ -60,4 +61,8 @@ class ParallelDims:
         """The named DeviceMesh over the default process group (which must exist)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_ORDER)
+        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_ORDER)
+        # Gradients and the loss are averaged over every rank that sees different tokens: dp x sp.
+        # Flattening creates a process group, so every rank does it here, once, in the same order.
+        mesh["dp", "sp"]._flatten(DATA_DIM)
+        return mesh

@@ -2,9 +2,10 @@
 
 Build order (each step documented because strategies depend on it):
   1. the model on the meta device (no memory);
-  2. strategies that reshape the model (sequence, expert, pipeline) on meta;
-  3. materialise on the device, initialised from `run.seed` (identical on every rank);
-  4. the data-parallel strategy wraps the materialised model; then `torch.compile` if asked.
+  2. strategies that reshape the model (sequence, then expert and pipeline as they land) on meta;
+  3. a data-parallel back end that shards parameters (`on_meta`, e.g. FSDP) wraps the meta model;
+  4. materialise on the device, initialised from `run.seed` (identical on every rank);
+  5. a data-parallel back end that wraps real tensors (DDP) does so; then `torch.compile` if asked.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from phalanx.data import DataPosition, build_dataset
 from phalanx.launch.dist import DistContext, broadcast_object
 from phalanx.launch.signals import StopRequest
 from phalanx.models import build_on_meta, flops_per_token, materialize
-from phalanx.parallel import registry
+from phalanx.parallel import comm, registry
+from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.data_parallel import no_sync
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
@@ -70,10 +72,19 @@ class Trainer:
         random.seed(cfg.run.seed)
 
         model = build_on_meta(cfg.model)
-        materialize(model, self.device, cfg.run.seed)
         self.n_params = model.num_params()
-        model = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend").apply(model, ctx.mesh, cfg)
+        self.sequence = None
+        if cfg.parallel.sp > 1:
+            self.sequence = registry.get("sequence", cfg.parallel.sp_backend, "parallel.sp_backend")
+            model = self.sequence.apply(model, ctx.mesh, cfg)
+        data_parallel = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend")
+        if data_parallel.on_meta:
+            model = data_parallel.apply(model, ctx.mesh, cfg)
+        materialize(model, self.device, cfg.run.seed)
+        if not data_parallel.on_meta:
+            model = data_parallel.apply(model, ctx.mesh, cfg)
         self.model: nn.Module = torch.compile(model) if cfg.train.compile else model
+        comm.enable(cfg.parallel.comm_stats)
 
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
@@ -141,40 +152,56 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches, clip, optimizer and LR step. Returns (loss, grad norm)."""
+        """One optimizer step over the micro-batches. Returns (loss, grad norm) as device tensors."""
+        loss = self.forward_backward(micro_batches)
+        return loss, self.optimizer_step()
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Accumulate gradients of the mean loss over this rank's micro-batches (synchronised on the last)."""
         self.model.train()
         accumulation = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+            inputs, targets, positions = self._split(batch)  # (B, T) each; T/sp under sequence parallelism
             with no_sync(self.model, i < accumulation - 1):
                 with self._autocast():
-                    loss = cross_entropy(self.model(inputs), targets) / accumulation
+                    loss = cross_entropy(self.model(inputs, positions), targets) / accumulation
                 loss.backward()
             total += loss.detach()
+        return total
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step the optimizer and the LR schedule, clear gradients. Returns the pre-clip grad norm."""
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         max_norm = self.cfg.optim.grad_clip or math.inf
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
         losses = []
         for batch in self.data.eval_batches(self.cfg.train.eval_batches):
-            batch = batch.to(self.device)
+            inputs, targets, positions = self._split(batch)
             with self._autocast():
-                losses.append(cross_entropy(self.model(batch[:, :-1]), batch[:, 1:]))
+                losses.append(cross_entropy(self.model(inputs, positions), targets))
         return self._dp_mean(torch.stack(losses).mean())
 
+    def _split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(B, T+1) tokens -> (inputs, targets, positions) on the device; positions None for a whole sequence."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.sequence is not None:
+            return self.sequence.shard_batch(batch, self.ctx.mesh)
+        return batch[:, :-1], batch[:, 1:], None
+
     def _dp_mean(self, value: torch.Tensor) -> float:
+        """Mean over every rank that saw different tokens (dp x sp); equal token counts per rank."""
         if self.ctx.distributed:
             value = value.detach().clone()
-            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.ctx.mesh["dp"].get_group())
+            comm.all_reduce(value, self.ctx.mesh[DATA_DIM].get_group(), DATA_DIM, op=dist.ReduceOp.AVG)
         return float(value)
 
     def _agree_stop(self, requested: bool) -> bool:
@@ -182,7 +209,7 @@ class Trainer:
         if not self.ctx.distributed:
             return requested
         flag = torch.tensor([int(requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        comm.all_reduce(flag, None, "world", op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # ---- the loop ------------------------------------------------------------------------
@@ -294,5 +321,6 @@ class Trainer:
             "tokens_per_s_per_device": per_device,
             "mfu": mfu,
             "memory_gib": memory_gib(self.device),
+            **({"comm": comm.STATS.take()} if comm.STATS.enabled else {}),
         }
 

@@ -1,0 +1,86 @@
+"""Run one training step in N gloo processes and in one process, and return what to compare.
+
+Workers are spawned (not forked) on loopback; rank 0 writes the mean loss and every parameter's
+full gradient (after the data-parallel reduction) to a file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from phalanx.config import load_config, validate
+from phalanx.launch.dist import init_distributed, shutdown
+from phalanx.trainer import Trainer
+from tests.helpers import CONFIG, TINY, free_port
+
+
+def _clean(name: str) -> str:
+    for wrapper in ("module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if isinstance(grad, DTensor):
+            grad = grad.full_tensor()
+        grads[_clean(name)] = grad.detach().clone()
+    return grads
+
+
+def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
+    cfg = validate(load_config(CONFIG, [*TINY, *overrides, f"run.dir={run_dir}"]), world)
+    ctx = init_distributed(cfg)
+    try:
+        trainer = Trainer(cfg, ctx, run_dir)
+        loss = trainer.forward_backward(trainer.data.next_step())
+        return {"loss": trainer._dp_mean(loss), "grads": full_grads(trainer.model), "rank": ctx.rank}
+    finally:
+        shutdown()
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    result = one_step(overrides, world, run_dir)
+    if rank == 0:
+        torch.save(result, out)
+
+
+def spawn_one_step(overrides: list[str], world: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.pt")
+        mp.spawn(_worker, args=(world, free_port(), overrides, tmp, out), nprocs=world, join=True)
+        return torch.load(out, weights_only=False)
+
+
+def reference_one_step(overrides: list[str]) -> dict:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        layout_free = [o for o in overrides if not o.startswith("parallel.")]
+        return one_step(layout_free, 1, tmp)
+
+
+def fresh_seed() -> list[str]:
+    seed = random.SystemRandom().randrange(1 << 30)
+    print(f"run.seed={seed}")
+    return [f"run.seed={seed}"]
+
+
+def assert_same_step(got: dict, ref: dict, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    assert got["loss"] == __import__("pytest").approx(ref["loss"], rel=rtol)
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name, grad in ref["grads"].items():
+        assert grad.abs().sum() > 0, f"{name}: zero reference gradient"
+        torch.testing.assert_close(got["grads"][name], grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
