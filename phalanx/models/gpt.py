@@ -157,11 +157,11 @@ class GPT(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                _assign(param, torch.ones(param.shape))
                 continue
             scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
             cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
-            param.copy_(cpu)
+            _assign(param, cpu)
         cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
                                self.rope_cos.device)
         self.rope_cos.copy_(cos)
@@ -172,6 +172,17 @@ class GPT(nn.Module):
         if exclude_embedding and self.tok_embeddings is not None and not self.cfg.tie_embeddings:
             n -= self.tok_embeddings.weight.numel()
         return n
+
+
+def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full CPU tensor `full` into `param`, which may be a shard (DTensor) of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(param.device, param.dtype)
+    if isinstance(param, DTensor):
+        # Every rank drew the same full tensor from the same seed: each keeps its own shard.
+        full = distribute_tensor(full, param.device_mesh, param.placements)
+    param.copy_(full)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

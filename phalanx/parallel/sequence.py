@@ -32,6 +32,19 @@ def kv_repeat(n_heads: int, n_kv_heads: int, sp: int) -> int:
     return n_heads // n_kv_heads  # otherwise expand to full multi-head attention
 
 
+def all_to_all_bytes(model_cfg: Any, sp: int, batch: int, seq_len: int, element_size: int = 4) -> int:
+    """Bytes one rank sends in the all-to-alls of one layer's forward and backward, for `batch` sequences.
+
+    Forward: q, k, v (kv heads after replication) to head sharding, the output back; backward: the
+    same four tensors' gradients the other way. Each is (batch, seq_len/sp, heads, head_dim).
+    """
+    heads, kv = model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
+    kv_heads = kv * kv_repeat(heads, kv, sp)
+    head_dim = model_cfg.d_model // heads
+    per_pass = batch * (seq_len // sp) * head_dim * (2 * heads + 2 * kv_heads) * element_size
+    return 2 * per_pass
+
+
 class UlyssesAttention(nn.Module):
     """Wraps a core attention (q, k, v sharded by sequence) in the two all-to-alls."""
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from phalanx.checkpoint.persistent import PersistentCheckpointer
 from phalanx.config import PhalanxConfig
@@ -175,6 +176,8 @@ class Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         max_norm = self.cfg.optim.grad_clip or math.inf
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)

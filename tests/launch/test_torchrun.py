@@ -1,4 +1,4 @@
-"""torchrun DDP over gloo on loopback: parity with one process, and exact resume after SIGKILL."""
+"""torchrun over gloo on loopback: loss curves equal one process, and exact resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -15,33 +15,53 @@ from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, final_checkpoint,
 
 pytestmark = pytest.mark.slow
 
+STEPS = 20
+COMMON = [f"train.steps={STEPS}", "checkpoint.persist_every=0", "train.batch_size=8", "train.micro_batch_size=2"]
 
-def test_ddp_two_ranks_matches_one_process(tmp_path):
-    steps = 20
-    common = [f"train.steps={steps}", "checkpoint.persist_every=0", "train.batch_size=8", "train.micro_batch_size=2"]
-    single = run_phalanx(["train", CONFIG, *run_overrides(tmp_path / "one", *common)])
-    assert single.returncode == 0, single.stderr
-    ddp = run_phalanx(["train", CONFIG, *run_overrides(tmp_path / "ddp", *common)], nproc=2)
-    assert ddp.returncode == 0, ddp.stderr
-    one, two = losses(tmp_path / "one" / "t"), losses(tmp_path / "ddp" / "t")
-    assert sorted(one) == sorted(two) == list(range(1, steps + 1))
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), f"step {step}: {one[step]} vs {two[step]}"
-    assert one[steps] < 0.8 * one[1]  # and it learned something
-    assert ddp.stdout.count("training ") == 1 and ddp.stdout.count(" | loss ") == steps  # only rank 0 logs
+# layout -> (processes, overrides). fp32 on CPU: the ranks sum the same numbers in a different
+# order, so losses agree to rounding; 1e-5 relative holds over 20 steps (the issues ask 1e-5 for
+# DDP, 1e-4 for the other layouts).
+LAYOUTS = {
+    "ddp2": (2, []),
+    "dp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2"]),
+    "fsdp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=fsdp"]),
+}
 
 
-def test_ddp_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    result = run_phalanx(["train", CONFIG, *run_overrides(root, *COMMON)])
+    assert result.returncode == 0, result.stderr
+    return losses(root / "t")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
+    nproc, extra = LAYOUTS[layout]
+    run = run_phalanx(["train", CONFIG, *run_overrides(tmp_path, *COMMON, *extra)], nproc=nproc)
+    assert run.returncode == 0, run.stderr
+    got = losses(tmp_path / "t")
+    assert sorted(got) == sorted(one_process) == list(range(1, STEPS + 1))
+    for step, loss in one_process.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}: {loss} vs {got[step]}"
+    assert one_process[STEPS] < 0.8 * one_process[1]  # and it learned something
+    assert run.stdout.count("training ") == 1 and run.stdout.count(" | loss ") == STEPS  # only rank 0 logs
+
+
+@pytest.mark.parametrize("config,nproc", [("configs/tiny.yaml", 2), ("configs/tiny_dp_sp.yaml", 4)])
+def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(config, nproc, tmp_path):
     steps = 10
     extra = [f"train.steps={steps}", "checkpoint.persist_every=2"]
-    ref = run_phalanx(["train", CONFIG, *run_overrides(tmp_path / "ref", *extra)], nproc=2)
+    config = str(REPO / config)
+    ref = run_phalanx(["train", config, *run_overrides(tmp_path / "ref", *extra)], nproc=nproc)
     assert ref.returncode == 0, ref.stderr
 
     kill_at = random.Random().randint(3, steps - 2)  # from step 3 on, step-2 is committed
     print(f"killing every process at step {kill_at}")
-    args = ["train", CONFIG, *run_overrides(tmp_path / "kill", *extra)]
-    # A new session: SIGKILL reaches torchrun and both ranks at once, as when a machine dies.
-    proc = subprocess.Popen(phalanx_cmd(args, nproc=2), cwd=REPO, env=loopback_env(), start_new_session=True,
+    args = ["train", config, *run_overrides(tmp_path / "kill", *extra)]
+    # A new session: SIGKILL reaches torchrun and every rank at once, as when a machine dies.
+    proc = subprocess.Popen(phalanx_cmd(args, nproc=nproc), cwd=REPO, env=loopback_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(tmp_path / "kill" / "t", kill_at, proc)
@@ -49,8 +69,9 @@ def test_ddp_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(tmp_pat
         with contextlib.suppress(ProcessLookupError):  # gone already if it finished first
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    relaunch = run_phalanx(args, nproc=2)
+    relaunch = run_phalanx(args, nproc=nproc)
     assert relaunch.returncode == 0, relaunch.stderr
+    assert "resumed" in relaunch.stdout
     ref_dir, kill_dir = tmp_path / "ref" / "t", tmp_path / "kill" / "t"
     assert_bitwise_equal(load_checkpoint(final_checkpoint(ref_dir, steps)), load_checkpoint(final_checkpoint(kill_dir, steps)))
     assert losses(ref_dir) == losses(kill_dir)

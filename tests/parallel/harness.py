@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from phalanx.config import load_config, validate
 from phalanx.launch.dist import init_distributed, shutdown
+from phalanx.parallel import comm
 from phalanx.trainer import Trainer
 from tests.helpers import CONFIG, TINY, free_port
 
@@ -43,7 +44,8 @@ def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
     try:
         trainer = Trainer(cfg, ctx, run_dir)
         loss = trainer.forward_backward(trainer.data.next_step())
-        return {"loss": trainer._dp_mean(loss), "grads": full_grads(trainer.model), "rank": ctx.rank}
+        sent = comm.STATS.take()  # what this rank's forward and backward sent
+        return {"loss": trainer._dp_mean(loss), "grads": full_grads(trainer.model), "rank": ctx.rank, "comm": sent}
     finally:
         shutdown()
 

@@ -48,3 +48,22 @@ def test_invalid_sequence_layouts_are_refused(overrides, world, words):
         validate(load_config(CONFIG, overrides), world_size=world)
     for word in words:
         assert word in str(err.value)
+
+
+def test_all_to_all_bytes_equal_the_analytic_value_and_stay_constant_as_seq_and_sp_double():
+    """Per rank and layer, what Ulysses sends depends on seq_len / sp only."""
+    from phalanx.config import ModelConfig
+    from phalanx.parallel.sequence import all_to_all_bytes
+
+    sent = {}
+    for sp, seq in ((2, 32), (4, 64)):
+        overrides = [f"parallel.sp={sp}", f"data.seq_len={seq}", "model.max_seq_len=64", "model.n_kv_heads=4",
+                     "parallel.comm_stats=true", "train.micro_batch_size=8", *fresh_seed()]
+        row = spawn_one_step(overrides, sp)["comm"]["all_to_all/sp"]
+        layers, micro_batches = 2, 1
+        model = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4)
+        assert row["calls"] == layers * micro_batches * 8  # q, k, v, out forward; their gradients backward
+        expected = all_to_all_bytes(model, sp, batch=8, seq_len=seq)
+        assert row["bytes"] == layers * micro_batches * expected
+        sent[sp] = row["bytes"] / layers
+    assert sent[2] == sent[4]

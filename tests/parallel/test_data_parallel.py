@@ -1,0 +1,23 @@
+"""Data-parallel back ends (DDP, FSDP2), alone and with Ulysses: one step equals one process."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel.harness import assert_same_step, fresh_seed, reference_one_step, spawn_one_step
+
+pytestmark = pytest.mark.slow
+
+LAYOUTS = {
+    "dp4": (4, ["parallel.dp=4", "train.micro_batch_size=2"]),
+    "fsdp2": (2, ["parallel.dp=2", "parallel.dp_backend=fsdp"]),
+    "fsdp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=fsdp"]),
+    "fsdp2-accumulation": (2, ["parallel.dp=2", "parallel.dp_backend=fsdp", "train.micro_batch_size=2"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_one_step_matches_one_process(layout):
+    world, overrides = LAYOUTS[layout]
+    overrides = [*overrides, *fresh_seed()]
+    assert_same_step(spawn_one_step(overrides, world), reference_one_step(overrides))
