@@ -87,7 +87,8 @@ class ParallelConfig:
     sp: int = 1
     ep: int = 1
     pp: int = 1
-    dp_backend: str = "ddp"  # ddp
+    dp_backend: str = "ddp"  # ddp | fsdp | zero
+    zero_stage: int = 1  # dp_backend=zero: 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     sp_backend: str = "ulysses"
     comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/parallel/comm.py)
 

@@ -76,25 +76,39 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A DCP checkpoint folder as one flat {key: value} dict (model and optimizer state)."""
+    """A checkpoint folder as one dict: the DCP part, plus each rank's own file under "rank-R"."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = Path(str(path) + ".pt-export")
     if not out.exists():
         dcp_to_torch_save(str(path), str(out))
-    return torch.load(out, weights_only=False)
+    state = torch.load(out, weights_only=False)
+    for rank_file in sorted(Path(path).glob("rank-*.pt")):
+        state[rank_file.stem] = torch.load(rank_file, weights_only=False)
+    return state
 
 
-def assert_bitwise_equal(a: dict, b: dict, prefix: str = "") -> None:
-    assert a.keys() == b.keys(), f"{prefix}: keys differ: {set(a) ^ set(b)}"
-    for key in a:
-        x, y = a[key], b[key]
-        if isinstance(x, dict):
-            assert_bitwise_equal(x, y, f"{prefix}.{key}")
-        elif isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), f"{prefix}.{key} differs: max |diff| {(x.float() - y.float()).abs().max()}"
-        else:
-            assert x == y, f"{prefix}.{key}: {x!r} != {y!r}"
+def assert_bitwise_equal(a, b, prefix: str = "state") -> None:
+    """Equal bit for bit, through nested dicts, lists and tuples of tensors, arrays and plain values."""
+    import numpy as np
+
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{prefix}: keys differ: {set(a) ^ set(b)}"
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{prefix}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{prefix}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{prefix}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{prefix} differs: max |diff| {(a.float() - b.float()).abs().max()}"
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), f"{prefix} differs"
+    elif type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):  # e.g. DeepSpeed's loss scaler
+        assert type(a) is type(b), f"{prefix}: {type(a)} != {type(b)}"
+        assert_bitwise_equal(vars(a), vars(b), prefix)
+    else:
+        assert a == b, f"{prefix}: {a!r} != {b!r}"
 
 
 def final_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from phalanx.errors import ConfigError
-from phalanx.parallel import data_parallel, sequence  # noqa: F401  (register ddp, ulysses)
+from phalanx.parallel import data_parallel, sequence, zero  # noqa: F401  (register ddp, fsdp, zero, ulysses)
 from phalanx.parallel.mesh import ParallelDims
 from phalanx.parallel.registry import available, get, register
 

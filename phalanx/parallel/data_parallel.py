@@ -1,4 +1,10 @@
-"""Data parallelism back ends over the flattened dp x sp group: `ddp` (DistributedDataParallel), `fsdp` (FSDP2)."""
+"""Data parallelism back ends over the flattened dp x sp group: `ddp`, `fsdp` (FSDP2), `zero` (DeepSpeed).
+
+A back end owns what differs between them: how the model is wrapped, how a micro-batch's backward
+accumulates, how the optimizer steps (clipping included) and how model and optimizer state are
+saved. The trainer calls these and nothing else, so its step, clipping, grad-norm metric and
+state_dict read the same for every back end.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,10 @@ import contextlib
 import inspect
 from typing import Any, Iterator
 
+import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from phalanx.parallel import comm
@@ -16,15 +25,64 @@ from phalanx.parallel.registry import register
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-@register("data", "ddp")
-class DDPStrategy:
-    """Gradients averaged over dp x sp by DDP's bucketed all-reduce, overlapped with backward."""
+class TorchDataParallel:
+    """Shared by the torch back ends: a torch optimizer stepped by the trainer, DCP-native state."""
 
-    on_meta = False  # DDP wraps a materialised model
+    on_meta = False  # True: wraps the meta model, before materialisation
 
     @staticmethod
     def validate(dims: Any, cfg: Any) -> None:
         return None
+
+    @staticmethod
+    def rank_local_state(cfg: Any) -> tuple[str, ...]:
+        """Trainer-state keys whose value differs per rank outside DTensor sharding (saved per rank)."""
+        return ()
+
+    @staticmethod
+    def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Any, cfg: Any) -> nn.Module:
+        """Back ends that own the optimizer step (DeepSpeed) wrap here; torch back ends need not."""
+        return model
+
+    @staticmethod
+    @contextlib.contextmanager
+    def accumulate(model: nn.Module, sync: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward: reduce gradients only when `sync`."""
+        if isinstance(model, DistributedDataParallel) and not sync:
+            with model.no_sync():
+                yield
+            return
+        if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+            model.set_requires_gradient_sync(sync)
+        yield
+
+    @staticmethod
+    def backward(model: nn.Module, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @staticmethod
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm`, step, clear gradients; returns the global grad norm before clipping."""
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @staticmethod
+    def state_dict(model: nn.Module, optimizer: Any) -> tuple[dict, dict]:
+        """(model, optimizer) state keyed by parameter name, sharded as DTensors where the model is."""
+        return get_state_dict(model, optimizer)
+
+    @staticmethod
+    def load_state_dict(model: nn.Module, optimizer: Any, model_state: dict, optim_state: dict) -> None:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+@register("data", "ddp")
+class DDPStrategy(TorchDataParallel):
+    """Gradients averaged over dp x sp by DDP's bucketed all-reduce, overlapped with backward."""
 
     @staticmethod
     def apply(model: nn.Module, mesh: Any, cfg: Any) -> nn.Module:
@@ -47,21 +105,8 @@ class DDPStrategy:
         return ddp
 
 
-@contextlib.contextmanager
-def no_sync(model: nn.Module, active: bool) -> Iterator[None]:
-    """Skip the gradient reduction on accumulation micro-steps (DDP's no_sync, FSDP2's gradient sync flag)."""
-    if active and isinstance(model, DistributedDataParallel):
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 module
-        model.set_requires_gradient_sync(not active)
-        yield
-    else:
-        yield
-
-
 @register("data", "fsdp")
-class FSDPStrategy:
+class FSDPStrategy(TorchDataParallel):
     """FSDP2: `fully_shard` per block, then the root, over dp x sp; parameters sharded on the meta model.
 
     With train.dtype=bf16 the policy gathers parameters in bf16 and reduces gradients in fp32;
@@ -71,14 +116,9 @@ class FSDPStrategy:
     on_meta = True  # sharding happens before materialisation: no rank ever holds the whole model
 
     @staticmethod
-    def validate(dims: Any, cfg: Any) -> None:
-        return None
-
-    @staticmethod
     def apply(model: nn.Module, mesh: Any, cfg: Any) -> nn.Module:
         if mesh is None or mesh[DATA_DIM].size() == 1:
             return model
-        import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         bf16 = cfg.train.dtype == "bf16"

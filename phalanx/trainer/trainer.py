@@ -21,8 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
 from phalanx.checkpoint.persistent import PersistentCheckpointer
 from phalanx.config import PhalanxConfig
@@ -32,7 +30,6 @@ from phalanx.launch.signals import StopRequest
 from phalanx.models import build_on_meta, flops_per_token, materialize
 from phalanx.parallel import comm, registry
 from phalanx.parallel.mesh import DATA_DIM
-from phalanx.parallel.data_parallel import no_sync
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
 from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker, append_event
@@ -78,21 +75,24 @@ class Trainer:
         if cfg.parallel.sp > 1:
             self.sequence = registry.get("sequence", cfg.parallel.sp_backend, "parallel.sp_backend")
             model = self.sequence.apply(model, ctx.mesh, cfg)
-        data_parallel = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend")
+        self.data_parallel = data_parallel = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend")
         if data_parallel.on_meta:
             model = data_parallel.apply(model, ctx.mesh, cfg)
         materialize(model, self.device, cfg.run.seed)
         if not data_parallel.on_meta:
             model = data_parallel.apply(model, ctx.mesh, cfg)
-        self.model: nn.Module = torch.compile(model) if cfg.train.compile else model
+        if cfg.train.compile:
+            model = torch.compile(model)
         comm.enable(cfg.parallel.comm_stats)
 
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.schedule = build_schedule(self.optimizer, cfg.optim, cfg.train.steps)
+        self.model: nn.Module = data_parallel.wrap_optimizer(model, self.optimizer, ctx.mesh, cfg)
         dp_rank, dp_size = ctx.coord("dp")
         self.data = DataPosition(build_dataset(cfg), cfg.train.batch_size, cfg.train.micro_batch_size, dp_rank, dp_size)
         self.checkpointer = PersistentCheckpointer(
-            f"{run_dir}/checkpoints", ctx.rank, ctx.world_size, cfg.checkpoint.keep_last, self.RANK_LOCAL_STATE
+            f"{run_dir}/checkpoints", ctx.rank, ctx.world_size, cfg.checkpoint.keep_last,
+            self.RANK_LOCAL_STATE + data_parallel.rank_local_state(cfg),
         )
         self.step = 0
         self.wandb_run_id: Optional[str] = None
@@ -105,7 +105,7 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = self.data_parallel.state_dict(self.model, self.optimizer)
         return {
             "model": model_state,
             "optim": optim_state,
@@ -117,7 +117,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.data_parallel.load_state_dict(self.model, self.optimizer, state["model"], state["optim"])
         self.schedule.load_state_dict(state["lr_schedule"])
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
@@ -164,23 +164,18 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             inputs, targets, positions = self._split(batch)  # (B, T) each; T/sp under sequence parallelism
-            with no_sync(self.model, i < accumulation - 1):
+            with self.data_parallel.accumulate(self.model, sync=i == accumulation - 1):
                 with self._autocast():
                     loss = cross_entropy(self.model(inputs, positions), targets) / accumulation
-                loss.backward()
+                self.data_parallel.backward(self.model, loss)
             total += loss.detach()
         return total
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step the optimizer and the LR schedule, clear gradients. Returns the pre-clip grad norm."""
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        max_norm = self.cfg.optim.grad_clip or math.inf
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        grad_norm = self.data_parallel.step(self.model, self.optimizer, self.cfg.optim.grad_clip or math.inf)
         self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ LAYOUTS = {
     "ddp2": (2, []),
     "dp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2"]),
     "fsdp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=fsdp"]),
+    "zero2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
 }
 
 
@@ -49,10 +50,14 @@ def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     assert run.stdout.count("training ") == 1 and run.stdout.count(" | loss ") == STEPS  # only rank 0 logs
 
 
-@pytest.mark.parametrize("config,nproc", [("configs/tiny.yaml", 2), ("configs/tiny_dp_sp.yaml", 4)])
-def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(config, nproc, tmp_path):
+@pytest.mark.parametrize("config,nproc,layout", [
+    ("configs/tiny.yaml", 2, []),
+    ("configs/tiny_dp_sp.yaml", 4, []),
+    ("configs/tiny_zero.yaml", 2, ["parallel.zero_stage=3"]),
+], ids=["ddp2", "dp2xsp2", "zero3"])
+def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(config, nproc, layout, tmp_path):
     steps = 10
-    extra = [f"train.steps={steps}", "checkpoint.persist_every=2"]
+    extra = [f"train.steps={steps}", "checkpoint.persist_every=2", *layout]
     config = str(REPO / config)
     ref = run_phalanx(["train", config, *run_overrides(tmp_path / "ref", *extra)], nproc=nproc)
     assert ref.returncode == 0, ref.stderr

@@ -29,9 +29,14 @@ def _clean(name: str) -> str:
 
 
 def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient after the data-parallel reduction (DTensor or ZeRO partitions too)."""
+    zero = hasattr(model, "optimizer") and hasattr(model, "module")  # a DeepSpeed engine
+    if zero:
+        from deepspeed.utils import safe_get_full_grad
+        model = model.module
     grads = {}
     for name, param in model.named_parameters():
-        grad = param.grad
+        grad = safe_get_full_grad(param) if zero else param.grad
         if isinstance(grad, DTensor):
             grad = grad.full_tensor()
         grads[_clean(name)] = grad.detach().clone()

@@ -21,3 +21,18 @@ def test_one_step_matches_one_process(layout):
     world, overrides = LAYOUTS[layout]
     overrides = [*overrides, *fresh_seed()]
     assert_same_step(spawn_one_step(overrides, world), reference_one_step(overrides))
+
+
+ZERO = {
+    "zero1-dp2": (2, ["parallel.dp=2", "parallel.dp_backend=zero", "parallel.zero_stage=1"]),
+    "zero2-dp2": (2, ["parallel.dp=2", "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
+    "zero3-dp2": (2, ["parallel.dp=2", "parallel.dp_backend=zero", "parallel.zero_stage=3"]),
+    "zero2-dp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(ZERO))
+def test_zero_one_step_matches_one_process(layout):
+    world, overrides = ZERO[layout]
+    overrides = [*overrides, *fresh_seed()]
+    assert_same_step(spawn_one_step(overrides, world), reference_one_step(overrides))
