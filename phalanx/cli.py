@@ -49,6 +49,8 @@ def _train(args: argparse.Namespace) -> int:
             print(to_yaml(cfg), end="")
         return 0
 
+    import torch.distributed
+
     from phalanx.launch.dist import broadcast_object, init_distributed, shutdown
     from phalanx.trainer import Trainer
     from phalanx.trainer.rundir import prepare_run_dir
@@ -71,6 +73,8 @@ def _train(args: argparse.Namespace) -> int:
             for message in messages:
                 print(message, flush=True)
         Trainer(cfg, ctx, run_dir).fit()
+        if ctx.distributed:
+            torch.distributed.barrier()  # no rank tears the process group down while a peer still uses it
     finally:
         shutdown()
     return 0

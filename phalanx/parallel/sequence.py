@@ -35,8 +35,8 @@ def kv_repeat(n_heads: int, n_kv_heads: int, sp: int) -> int:
 def all_to_all_bytes(model_cfg: Any, sp: int, batch: int, seq_len: int, element_size: int = 4) -> int:
     """Bytes one rank sends in the all-to-alls of one layer's forward and backward, for `batch` sequences.
 
-    Forward: q, k, v (kv heads after replication) to head sharding, the output back; backward: the
-    same four tensors' gradients the other way. Each is (batch, seq_len/sp, heads, head_dim).
+    Forward: q, k, v packed (kv heads after replication) to head sharding, the output back;
+    backward: their gradients the other way. Each is (batch, seq_len/sp, heads, head_dim).
     """
     heads, kv = model_cfg.n_heads, model_cfg.n_kv_heads or model_cfg.n_heads
     kv_heads = kv * kv_repeat(heads, kv, sp)
@@ -56,9 +56,15 @@ class UlyssesAttention(nn.Module):
         # q: (B, T/sp, nh, hs); k, v: (B, T/sp, nkv, hs)
         if self.repeat > 1:
             k, v = k.repeat_interleave(self.repeat, dim=2), v.repeat_interleave(self.repeat, dim=2)
-        q, k, v = (SeqToHeads.apply(t, self.group, self.sp) for t in (q, k, v))  # (B, T, heads/sp, hs)
-        out = self.inner(q, k, v)
-        return HeadsToSeq.apply(out, self.group, self.sp)  # (B, T/sp, nh, hs)
+        B, Tl, hq, hs = q.shape
+        hkv, sp = k.shape[2], self.sp
+        # One all-to-all for q, k and v (DeepSpeed issues three): heads grouped by destination rank,
+        # so rank r receives [its q heads, its k heads, its v heads] from every sequence shard.
+        packed = torch.cat([t.reshape(B, Tl, sp, -1, hs) for t in (q, k, v)], dim=3).reshape(B, Tl, -1, hs)
+        packed = SeqToHeads.apply(packed, self.group, sp)  # (B, T, (nh + 2 nkv) / sp, hs)
+        q, k, v = packed.split([hq // sp, hkv // sp, hkv // sp], dim=2)
+        out = self.inner(q, k, v)  # (B, T, nh/sp, hs)
+        return HeadsToSeq.apply(out, self.group, sp)  # (B, T/sp, nh, hs)
 
 
 @register("sequence", "ulysses")

@@ -6,10 +6,12 @@ full gradient (after the data-parallel reduction) to a file.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -50,25 +52,36 @@ def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
         trainer = Trainer(cfg, ctx, run_dir)
         loss = trainer.forward_backward(trainer.data.next_step())
         sent = comm.STATS.take()  # what this rank's forward and backward sent
-        return {"loss": trainer._dp_mean(loss), "grads": full_grads(trainer.model), "rank": ctx.rank, "comm": sent}
+        result = {"loss": trainer._dp_mean(loss), "grads": full_grads(trainer.model), "rank": ctx.rank, "comm": sent}
+        if ctx.distributed:
+            torch.distributed.barrier()  # no rank tears down while another still talks to it
+        del trainer
+        gc.collect()  # wrappers holding process groups go before the groups do
+        return result
     finally:
         shutdown()
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    result = one_step(overrides, world, run_dir)
+    result = fn(*args)
     if rank == 0:
         torch.save(result, out)
 
 
-def spawn_one_step(overrides: list[str], world: int) -> dict:
+def spawn(fn: Callable[..., Any], world: int, *args: Any) -> Any:
+    """Run `fn(*args)` in `world` spawned processes (RANK etc. set, loopback); rank 0's return value."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
-        mp.spawn(_worker, args=(world, free_port(), overrides, tmp, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
         return torch.load(out, weights_only=False)
+
+
+def spawn_one_step(overrides: list[str], world: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return spawn(one_step, world, overrides, world, tmp)
 
 
 def reference_one_step(overrides: list[str]) -> dict:

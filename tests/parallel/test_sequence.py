@@ -62,8 +62,66 @@ def test_all_to_all_bytes_equal_the_analytic_value_and_stay_constant_as_seq_and_
         row = spawn_one_step(overrides, sp)["comm"]["all_to_all/sp"]
         layers, micro_batches = 2, 1
         model = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4)
-        assert row["calls"] == layers * micro_batches * 8  # q, k, v, out forward; their gradients backward
+        assert row["calls"] == layers * micro_batches * 4  # packed qkv and out forward; their gradients backward
         expected = all_to_all_bytes(model, sp, batch=8, seq_len=seq)
         assert row["bytes"] == layers * micro_batches * expected
         sent[sp] = row["bytes"] / layers
     assert sent[2] == sent[4]
+
+
+def _ulysses_vs_deepspeed(n_heads: int, n_kv_heads: int, seed: int) -> dict:
+    """On every rank: the same global q, k, v; each rank feeds its sequence shard to both layers."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.sequence.layer import DistributedAttention
+
+    from phalanx.models.gpt import CoreAttention
+    from phalanx.parallel.sequence import UlyssesAttention
+
+    import deepspeed
+
+    dist.init_process_group("gloo")
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm wraps the torch group
+    try:
+        sp, rank = dist.get_world_size(), dist.get_rank()
+        group = dist.new_group(list(range(sp)))
+        g = torch.Generator().manual_seed(seed)
+        B, T, D = 2, 16, 8
+        q = torch.randn(B, T, n_heads, D, generator=g)
+        k, v = torch.randn(2, B, T, n_kv_heads, D, generator=g)
+        grad_out = torch.randn(B, T, n_heads, D, generator=g)
+        lo, hi = rank * T // sp, (rank + 1) * T // sp
+        results = {}
+        for name, layer in {
+            "phalanx": UlyssesAttention(CoreAttention(), group, sp, repeat=1),
+            "deepspeed": DistributedAttention(CoreAttention(), group, scatter_idx=2, gather_idx=1),
+        }.items():
+            ql, kl, vl = (t[:, lo:hi].clone().requires_grad_() for t in (q, k, v))
+            out = layer(ql, kl, vl) if name == "phalanx" else layer(ql, kl, vl, 0)
+            out.backward(grad_out[:, lo:hi])
+            local = {"out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+            gathered = {}
+            for key, value in local.items():  # whole-sequence tensors, to compare on rank 0
+                parts = [torch.empty_like(value) for _ in range(sp)]
+                dist.all_gather(parts, value.contiguous())
+                gathered[key] = torch.cat(parts, dim=1)
+            results[name] = gathered
+        return results
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_ulysses_equals_deepspeed_distributed_attention(n_heads, n_kv_heads):
+    import random
+
+    import torch
+
+    from tests.parallel.harness import spawn
+
+    seed = random.SystemRandom().randrange(1 << 30)
+    print(f"seed={seed}")
+    got = spawn(_ulysses_vs_deepspeed, 2, n_heads, n_kv_heads, seed)
+    for key in ("out", "dq", "dk", "dv"):
+        torch.testing.assert_close(got["phalanx"][key], got["deepspeed"][key], rtol=1e-6, atol=1e-7)
+        assert got["phalanx"][key].abs().sum() > 0
