@@ -56,15 +56,10 @@ class UlyssesAttention(nn.Module):
         # q: (B, T/sp, nh, hs); k, v: (B, T/sp, nkv, hs)
         if self.repeat > 1:
             k, v = k.repeat_interleave(self.repeat, dim=2), v.repeat_interleave(self.repeat, dim=2)
-        B, Tl, hq, hs = q.shape
-        hkv, sp = k.shape[2], self.sp
-        # One all-to-all for q, k and v (DeepSpeed issues three): heads grouped by destination rank,
-        # so rank r receives [its q heads, its k heads, its v heads] from every sequence shard.
-        packed = torch.cat([t.reshape(B, Tl, sp, -1, hs) for t in (q, k, v)], dim=3).reshape(B, Tl, -1, hs)
-        packed = SeqToHeads.apply(packed, self.group, sp)  # (B, T, (nh + 2 nkv) / sp, hs)
-        q, k, v = packed.split([hq // sp, hkv // sp, hkv // sp], dim=2)
+        # One all-to-all carries q, k and v (DeepSpeed issues three).
+        q, k, v = SeqToHeads.apply(self.group, self.sp, q, k, v)  # (B, T, heads/sp, hs)
         out = self.inner(q, k, v)  # (B, T, nh/sp, hs)
-        return HeadsToSeq.apply(out, self.group, sp)  # (B, T/sp, nh, hs)
+        return HeadsToSeq.apply(self.group, self.sp, out)  # (B, T/sp, nh, hs)
 
 
 @register("sequence", "ulysses")

@@ -23,23 +23,39 @@ COMMON = [f"train.steps={STEPS}", "checkpoint.persist_every=0", "train.batch_siz
 # DDP, 1e-4 for the other layouts).
 LAYOUTS = {
     "ddp2": (2, []),
+    "dp4": (4, ["parallel.dp=4"]),
+    "sp2": (2, ["parallel.dp=1", "parallel.sp=2"]),
+    "sp4": (4, ["parallel.dp=1", "parallel.sp=4", "model.n_kv_heads=1"]),
     "dp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2"]),
+    "fsdp2": (2, ["parallel.dp_backend=fsdp"]),
     "fsdp2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=fsdp"]),
+    "zero1": (2, ["parallel.dp_backend=zero", "parallel.zero_stage=1"]),
+    "zero2": (2, ["parallel.dp_backend=zero", "parallel.zero_stage=2"]),
+    "zero3": (2, ["parallel.dp_backend=zero", "parallel.zero_stage=3"]),
     "zero2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
 }
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    root = tmp_path_factory.mktemp("one")
-    result = run_phalanx(["train", CONFIG, *run_overrides(root, *COMMON)])
-    assert result.returncode == 0, result.stderr
-    return losses(root / "t")
+    """One-process loss curves, one per model shape the layouts use."""
+    cache = {}
+
+    def curve(model: tuple[str, ...]) -> dict[int, float]:
+        if model not in cache:
+            root = tmp_path_factory.mktemp("one")
+            result = run_phalanx(["train", CONFIG, *run_overrides(root, *COMMON, *model)])
+            assert result.returncode == 0, result.stderr
+            cache[model] = losses(root / "t")
+        return cache[model]
+
+    return curve
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     nproc, extra = LAYOUTS[layout]
+    one_process = one_process(tuple(o for o in extra if o.startswith("model.")))
     run = run_phalanx(["train", CONFIG, *run_overrides(tmp_path, *COMMON, *extra)], nproc=nproc)
     assert run.returncode == 0, run.stderr
     got = losses(tmp_path / "t")

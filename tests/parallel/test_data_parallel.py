@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from phalanx.config import load_config, validate
+from phalanx.errors import ConfigError
+from tests.helpers import CONFIG
 from tests.parallel.harness import assert_same_step, fresh_seed, reference_one_step, spawn_one_step
 
 pytestmark = pytest.mark.slow
@@ -36,3 +39,18 @@ def test_zero_one_step_matches_one_process(layout):
     world, overrides = ZERO[layout]
     overrides = [*overrides, *fresh_seed()]
     assert_same_step(spawn_one_step(overrides, world), reference_one_step(overrides))
+
+
+@pytest.mark.parametrize("overrides,world,words", [
+    (["parallel.dp_backend=zero", "parallel.zero_stage=4"], 2, ["parallel.zero_stage=4", "1, 2, 3"]),
+    (["parallel.dp_backend=zero", "train.compile=true"], 2, ["train.compile=true", "dp_backend=zero", "ddp or fsdp"]),
+    (["parallel.dp_backend=fsdp2"], 2, ["parallel.dp_backend='fsdp2'", "ddp, fsdp, zero"]),
+    (["parallel.dp=2", "parallel.sp=2", "parallel.ep=3"], 4, ["parallel.ep(3)", "dp(2) * sp(2) = 4"]),
+    (["parallel.dp=2", "parallel.sp=2"], 8, ["dp(2) * sp(2) * pp(1) = 4 != WORLD_SIZE(8)"]),
+    (["parallel.dp=auto", "parallel.sp=3"], 4, ["WORLD_SIZE(4)", "pp(1) * sp(3) = 3"]),
+])
+def test_invalid_data_parallel_mixes_are_refused(overrides, world, words):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(CONFIG, overrides), world_size=world)
+    for word in words:
+        assert word in str(err.value), str(err.value)
