@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 MESH_ORDER = ("pp", "dp", "sp")
 DATA_DIM = "dp_sp"  # the flattened (dp, sp) dimension: gradient and loss averaging
+EXPERT_DIM, EXPERT_DATA_DIM = "ep", "edp"  # dp x sp split as (edp, ep) when ep > 1
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,9 @@ class ParallelDims:
         # Flattening creates a process group, so every rank does it here, once, in the same order.
         mesh["dp", "sp"]._flatten(DATA_DIM)
         return mesh
+
+    def expert_mesh(self, mesh: "DeviceMesh") -> "DeviceMesh":
+        """The (edp, ep) mesh over dp x sp: experts sharded over ep consecutive ranks (innermost, so
+        inside a node), each expert's gradients averaged over edp, the ranks holding the same experts.
+        Creates process groups: every rank calls it once, in the same order."""
+        return mesh[DATA_DIM]._unflatten(0, (self.dp * self.sp // self.ep, self.ep), (EXPERT_DATA_DIM, EXPERT_DIM))
