@@ -115,3 +115,22 @@ def final_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     steps = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "manifest.json").exists())
     return root / f"step-{step if step is not None else steps[-1]}"
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts each rank in its own session,
+    so killing torchrun's process group alone would leave the ranks running), then wait until all are gone."""
+    import psutil
+
+    try:
+        victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        victims = []
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=timeout)
+    _, alive = psutil.wait_procs(victims, timeout=timeout)
+    assert not alive, f"still running after SIGKILL: {alive}"

@@ -21,11 +21,12 @@ def _has_run(path: str) -> bool:
     )
 
 
-def _fresh_path(base: str) -> str:
+def _fresh_path(base: str, suffix: str = "") -> str:
+    """`base-N{suffix}` for the smallest N >= 2 that does not exist yet."""
     n = 2
-    while os.path.exists(f"{base}-{n}"):
+    while os.path.exists(f"{base}-{n}{suffix}"):
         n += 1
-    return f"{base}-{n}"
+    return f"{base}-{n}{suffix}"
 
 
 def _check_same_model(path: str, cfg: PhalanxConfig) -> list[str]:
@@ -47,24 +48,54 @@ def _check_same_model(path: str, cfg: PhalanxConfig) -> list[str]:
     return changed
 
 
+_LOCKS: dict[str, object] = {}  # open lock files, held for the life of the process
+
+
+def _lock(path: str) -> None:
+    """Hold `{path}/.lock` (a POSIX lock: released when this process dies, even by SIGKILL).
+
+    Two launches writing one run folder would interleave checkpoints and metrics; the second is
+    refused instead. The same process may lock again (tests build several trainers in one folder).
+    """
+    import fcntl
+    import socket
+
+    lock_path = os.path.join(path, ".lock")
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise PhalanxError(
+            f"run directory '{path}' is in use by {holder}; stop that run first, or use another run.name"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"phalanx pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _LOCKS[os.path.abspath(path)] = handle
+
+
 def prepare_run_dir(cfg: PhalanxConfig) -> tuple[str, list[str]]:
-    """Create (or reuse) the run directory and write `config.yaml`; returns (path, messages). Rank 0 only."""
+    """Create (or reuse) and lock the run directory, write `config.yaml`; returns (path, messages). Rank 0 only."""
     base = cfg.run_dir
     messages: list[str] = []
     path = base
-    if _has_run(base):
-        if cfg.run.resume:
-            changed = _check_same_model(base, cfg)
-            if changed:
-                keep = os.path.join(base, f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-                os.replace(os.path.join(base, "config.yaml"), keep)
-                messages.append(f"config changed since the last launch ({'; '.join(changed)}); previous kept as {keep}")
-        else:
-            path = _fresh_path(base)
-            cfg.run.name = os.path.basename(path)
-            messages.append(f"run.resume=false: {base} holds an earlier run, left untouched; starting fresh in {path}")
+    if _has_run(base) and not cfg.run.resume:
+        path = _fresh_path(base)
+        cfg.run.name = os.path.basename(path)
+        messages.append(f"run.resume=false: {base} holds an earlier run, left untouched; starting fresh in {path}")
     try:
         os.makedirs(path, exist_ok=True)
+        _lock(path)  # before anything in the folder changes
+        if path == base and _has_run(base):
+            changed = _check_same_model(base, cfg)
+            if changed:
+                keep = _fresh_path(os.path.join(base, f"config-{time.strftime('%Y%m%d-%H%M%S')}"), ".yaml")
+                os.replace(os.path.join(base, "config.yaml"), keep)
+                messages.append(f"config changed since the last launch ({'; '.join(changed)}); previous kept as {keep}")
         with open(os.path.join(path, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
     except OSError as err:

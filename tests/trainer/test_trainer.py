@@ -74,11 +74,11 @@ def test_crash_and_resume_is_bitwise_identical_in_process(tmp_path):
 
 
 def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(tmp_path):
-    steps = 12
+    steps = 16
     args = ["train", CONFIG, *run_overrides(tmp_path / "ref", f"train.steps={steps}", "checkpoint.persist_every=2")]
     assert run_phalanx(args).returncode == 0
 
-    kill_at = random.Random().randint(3, steps - 2)  # from step 3 on, step-2 is committed
+    kill_at = random.Random().randint(3, steps - 6)  # from step 3 on, step-2 is committed; 6 steps of margin
     print(f"killing at step {kill_at}")
     victim = ["train", CONFIG, *run_overrides(tmp_path / "kill", f"train.steps={steps}", "checkpoint.persist_every=2")]
     proc = subprocess.Popen(phalanx_cmd(victim), cwd=REPO, env=loopback_env(), stdout=subprocess.DEVNULL,
@@ -194,3 +194,21 @@ def test_wandb_offline_run_continues_after_resume(tmp_path):
     offline_runs = list((Path(first.run_dir) / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline_runs) == 2, offline_runs  # one folder per launch, both of the same wandb run id
     assert "WANDB_MODE" not in os.environ or os.environ["WANDB_MODE"] != "online"
+
+
+def test_a_second_launch_on_a_busy_run_folder_is_refused(tmp_path):
+    args = ["train", CONFIG, *run_overrides(tmp_path, "train.steps=100000", "checkpoint.persist_every=2")]
+    first = subprocess.Popen(phalanx_cmd(args), cwd=REPO, env=loopback_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(tmp_path / "t", 3, first)
+        second = run_phalanx(args, timeout=120)
+        assert second.returncode == 2
+        assert "is in use by phalanx pid" in second.stderr and str(first.pid) in second.stderr
+        config = (tmp_path / "t" / "config.yaml").read_text()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    assert (tmp_path / "t" / "config.yaml").read_text() == config  # the refused launch changed nothing
+    again = run_phalanx([*args[:-1], "train.steps=4"])  # the lock died with its process
+    assert again.returncode == 0, again.stderr
