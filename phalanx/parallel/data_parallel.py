@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -23,6 +24,8 @@ from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.registry import register
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+# find_unused_parameters is set for its fixed bucket layout (see DDPStrategy), not for unused parameters.
+warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
 
 
 class TorchDataParallel:
@@ -98,6 +101,11 @@ class DDPStrategy(TorchDataParallel):
             process_group=mesh[DATA_DIM].get_group(),
             device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
+            # DDP rebuilds its buckets once, after the first step of each launch. A resumed run would
+            # then sum the first steps' gradients in a different order over > 2 ranks (1e-9 apart),
+            # breaking the CPU promise of bit-exact resume; with this flag DDP never rebuilds, so
+            # every launch uses one bucket layout. (Its per-step graph walk costs little on CPU.)
+            find_unused_parameters=device.type == "cpu",
             **no_buffer_sync,
         )
         if cfg.parallel.comm_stats:
