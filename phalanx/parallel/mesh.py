@@ -58,18 +58,35 @@ class ParallelDims:
             rank //= size
         return {name: out[name] for name in MESH_ORDER}
 
-    def build_mesh(self, device_type: str) -> "DeviceMesh":
-        """The named DeviceMesh over the default process group (which must exist)."""
+    def build_mesh(self, device_type: str) -> "ParallelMesh":
+        """The named meshes over the default process group (which must exist)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_ORDER)
         # Gradients and the loss are averaged over every rank that sees different tokens: dp x sp.
         # Flattening creates a process group, so every rank does it here, once, in the same order.
-        mesh["dp", "sp"]._flatten(DATA_DIM)
-        return mesh
+        return ParallelMesh(mesh, mesh["dp", "sp"]._flatten(DATA_DIM))
 
-    def expert_mesh(self, mesh: "DeviceMesh") -> "DeviceMesh":
+    def expert_mesh(self, mesh: "ParallelMesh") -> "DeviceMesh":
         """The (edp, ep) mesh over dp x sp: experts sharded over ep consecutive ranks (innermost, so
         inside a node), each expert's gradients averaged over edp, the ranks holding the same experts.
         Creates process groups: every rank calls it once, in the same order."""
-        return mesh[DATA_DIM]._unflatten(0, (self.dp * self.sp // self.ep, self.ep), (EXPERT_DATA_DIM, EXPERT_DIM))
+        return mesh.data._unflatten(0, (self.dp * self.sp // self.ep, self.ep), (EXPERT_DATA_DIM, EXPERT_DIM))
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The (pp, dp, sp) mesh and its flattened dp x sp mesh, indexed by dimension name.
+
+    The flattened mesh is kept here rather than sliced back out of the root mesh (which torch
+    deprecates), so `mesh["dp_sp"]` and `mesh["sp"]` read alike.
+    """
+
+    world: "DeviceMesh"
+    data: "DeviceMesh"  # 1-D over DATA_DIM
+
+    def __getitem__(self, name: str) -> "DeviceMesh":
+        return self.data if name == DATA_DIM else self.world[name]
+
+    def get_local_rank(self, name: str) -> int:
+        return self.data.get_local_rank() if name == DATA_DIM else self.world.get_local_rank(name)
