@@ -1,7 +1,9 @@
 """Strategy registry: a strategy has `validate(dims, cfg)` and `apply(model, mesh, cfg)`.
 
 Strategies are looked up by (kind, name), so a user adds one with `@register("data", "mine")`
-without editing the trainer. Kinds: data, sequence, expert, pipeline.
+without editing the trainer. Kinds: data, sequence, expert, pipeline. A data-parallel back end
+also owns the step and the state (subclass `data_parallel.TorchDataParallel`); a sequence
+strategy also shards the batch (`shard_batch`, see `sequence.UlyssesStrategy`).
 """
 
 from __future__ import annotations
