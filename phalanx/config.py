@@ -30,6 +30,23 @@ class RunConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs (`phalanx/models/moe.py`); num_experts=0 keeps every block dense."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    every_n_layers: int = 1  # block i is MoE when (i + 1) % every_n_layers == 0
+    ffn_dim: Optional[int] = None  # each expert's SwiGLU hidden size; None: the dense ffn_dim
+    capacity_factor: Optional[float] = None  # None: dropless; else tokens per expert per sequence = cf * T * k / E
+    score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: top-k weights renormalised)
+    norm_topk: bool = True  # softmax: renormalise the top-k weights to sum to 1 (Mixtral)
+    aux_loss_coef: float = 0.01  # load balancing, Switch/GShard form, per sequence
+    z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
+    shared_expert: bool = False  # a dense SwiGLU every token also passes through (DeepSeek-MoE)
+    kernel: str = "auto"  # auto | grouped_mm | loop: how the experts' matmuls run
+
+
+@dataclass
 class ModelConfig:
     kind: str = "gpt"
     vocab_size: int = 256
@@ -44,6 +61,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -85,11 +103,12 @@ class TrainConfig:
 class ParallelConfig:
     dp: Any = "auto"  # an int, or auto: the world size divided by the other degrees
     sp: int = 1
-    ep: int = 1
+    ep: int = 1  # experts sharded over ep ranks of dp x sp (needs model.moe.num_experts > 0)
     pp: int = 1
     dp_backend: str = "ddp"  # ddp | fsdp | zero
     zero_stage: int = 1  # dp_backend=zero: 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     sp_backend: str = "ulysses"
+    ep_backend: str = "alltoall"
     comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/parallel/comm.py)
 
 
@@ -259,6 +278,25 @@ def resolve_dp(cfg: PhalanxConfig, world_size: int) -> int:
     return dp
 
 
+def _validate_moe(moe: MoEConfig, n_layers: int) -> None:
+    _positive("model.moe.num_experts", moe.num_experts, allow_zero=True)
+    if not moe.num_experts:
+        return
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts({moe.num_experts})")
+    if not 1 <= moe.every_n_layers <= n_layers:
+        raise ConfigError(f"model.moe.every_n_layers={moe.every_n_layers} must be between 1 and "
+                          f"model.n_layers({n_layers}), or no block would be MoE")
+    if moe.ffn_dim is not None:
+        _positive("model.moe.ffn_dim", moe.ffn_dim)
+    if moe.capacity_factor is not None:
+        _positive("model.moe.capacity_factor", moe.capacity_factor)
+    _one_of("model.moe.score", moe.score, ("softmax", "sigmoid"))
+    _positive("model.moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
+    _positive("model.moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
+    _one_of("model.moe.kernel", moe.kernel, ("auto", "grouped_mm", "loop"))
+
+
 def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
     """Check every field and cross-field rule; resolve `parallel.dp`. Raises ConfigError."""
     from phalanx.models import MODEL_KINDS  # the registry; no torch work happens here
@@ -291,6 +329,7 @@ def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
     _positive("model.rope_theta", m.rope_theta)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
+    _validate_moe(m.moe, m.n_layers)
 
     _one_of("data.kind", d.kind, ("synthetic", "memmap"))
     _positive("data.seq_len", d.seq_len)

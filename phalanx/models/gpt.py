@@ -4,7 +4,8 @@ Built on the meta device and materialised after parallelisation (`materialize`).
 for the parallel strategies:
   * `Attention.core` computes attention from (q, k, v); Ulysses sequence parallelism wraps it
     in all-to-alls without touching the projections.
-  * `Block.mlp` is any module mapping (B, T, d) -> (B, T, d); mixture-of-experts replaces it.
+  * `Block.mlp` is any module mapping (B, T, d) -> (B, T, d): SwiGLU, or `moe.MoE` in every
+    `model.moe.every_n_layers`-th block when `model.moe.num_experts` > 0.
 Blocks live in `GPT.layers`, a ModuleDict keyed "0".."L-1": a pipeline stage deletes the
 blocks it does not own and the remaining names (and so checkpoint keys) stay unchanged.
 """
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phalanx.config import ModelConfig
+from phalanx.models.moe import MoE, expert_ffn_dim, is_moe_block
 
 
 def ffn_dim(cfg: ModelConfig) -> int:
@@ -105,12 +107,12 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, ffn_dim(cfg))
+        self.mlp = MoE(cfg) if is_moe_block(cfg, index) else SwiGLU(cfg.d_model, ffn_dim(cfg))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -122,7 +124,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -159,7 +161,7 @@ class GPT(nn.Module):
             if name.endswith("norm.weight"):
                 _assign(param, torch.ones(param.shape))
                 continue
-            scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+            scale = out_std if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else std
             cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
             _assign(param, cpu)
         cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
@@ -194,6 +196,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, L = cfg.d_model, cfg.n_layers
     hd = d // cfg.n_heads
     kv = (cfg.n_kv_heads or cfg.n_heads) * hd
-    per_block = d * d * 2 + d * kv * 2 + 3 * d * ffn_dim(cfg)  # wq, wo, wk, wv, w1, w2, w3
-    n_matmul = L * per_block + d * cfg.vocab_size
+    attention = d * d * 2 + d * kv * 2  # wq, wo, wk, wv
+    dense = 3 * d * ffn_dim(cfg)  # w1, w2, w3
+    moe = cfg.moe
+    # An MoE block's active weights: the router, top_k experts and the shared expert.
+    sparse = d * moe.num_experts + moe.top_k * 3 * d * expert_ffn_dim(cfg) + (dense if moe.shared_expert else 0)
+    n_moe = sum(is_moe_block(cfg, i) for i in range(L))
+    n_matmul = L * attention + (L - n_moe) * dense + n_moe * sparse + d * cfg.vocab_size
     return 6.0 * n_matmul + 12.0 * L * d * seq_len

@@ -83,3 +83,13 @@ def ddp_counting_hook(dim: str):
         return allreduce_hook(state, bucket)
 
     return hook
+
+
+def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, dim: str) -> torch.Tensor:
+    """Every rank's `tensor` of `group`, stacked along a new first dimension, counted."""
+    start = time.perf_counter() if STATS.enabled else 0.0
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    if STATS.enabled:
+        STATS.add("all_gather", dim, _nbytes(tensor), time.perf_counter() - start)
+    return torch.stack(parts)

@@ -66,9 +66,7 @@ class TorchDataParallel:
     @staticmethod
     def step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm`, step, clear gradients; returns the global grad norm before clipping."""
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(model.parameters(), max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -81,6 +79,35 @@ class TorchDataParallel:
     @staticmethod
     def load_state_dict(model: nn.Module, optimizer: Any, model_state: dict, optim_state: dict) -> None:
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def placed_elsewhere(param: torch.Tensor) -> bool:
+    """A parameter another strategy already placed on its own mesh (experts over ep): data parallelism
+    neither wraps nor reduces it; its owner reduces its gradients."""
+    return isinstance(param, DTensor)
+
+
+def clip_grad_norm(params: Iterator[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`nn.utils.clip_grad_norm_` for parameters on several meshes (FSDP shards, ep-sharded experts, plain).
+
+    The norm of each group is taken on its own mesh (DTensor reduces its shards), and the groups'
+    norms combine as sqrt(sum of squares); one group reads exactly like `clip_grad_norm_`.
+    """
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for param in params:
+        if param.grad is not None:
+            key = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+            groups.setdefault(key, []).append(param)
+    norms = []
+    for members in groups.values():
+        norm = nn.utils.get_total_norm([p.grad for p in members], foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return torch.zeros(())
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    for members in groups.values():
+        nn.utils.clip_grads_with_norm_(members, max_norm, total, foreach=True)
+    return total
 
 
 @register("data", "ddp")
@@ -96,6 +123,9 @@ class DDPStrategy(TorchDataParallel):
         # derived and identical on every rank, so they are not re-broadcast before each forward.
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
                           else {"broadcast_buffers": False})
+        elsewhere = [name for name, param in model.named_parameters() if placed_elsewhere(param)]
+        if elsewhere:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, elsewhere)
         ddp = DistributedDataParallel(
             model,
             process_group=mesh[DATA_DIM].get_group(),
@@ -117,6 +147,8 @@ class DDPStrategy(TorchDataParallel):
 class FSDPStrategy(TorchDataParallel):
     """FSDP2: `fully_shard` per block, then the root, over dp x sp; parameters sharded on the meta model.
 
+    Parameters another strategy placed on its own mesh (ep-sharded experts) are left to it.
+
     With train.dtype=bf16 the policy gathers parameters in bf16 and reduces gradients in fp32;
     master weights and optimizer state stay fp32 shards.
     """
@@ -134,8 +166,10 @@ class FSDPStrategy(TorchDataParallel):
                                       reduce_dtype=torch.float32 if bf16 else None)
         shard_mesh = mesh[DATA_DIM]
         blocks = list(model.layers.values())
+        elsewhere = {param for param in model.parameters() if placed_elsewhere(param)} or None
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again at once by backward: keep them gathered.
-            fully_shard(block, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-        fully_shard(model, mesh=shard_mesh, mp_policy=policy)
+            fully_shard(block, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1,
+                        ignored_params=elsewhere)
+        fully_shard(model, mesh=shard_mesh, mp_policy=policy, ignored_params=elsewhere)
         return model

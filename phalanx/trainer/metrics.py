@@ -45,4 +45,6 @@ def format_step_line(m: dict) -> str:
         f"step {m['step']:>6} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad {m['grad_norm']:.3f} | "
         f"tokens/s {m['tokens_per_s']:,.0f} | tokens/s/device {m['tokens_per_s_per_device']:,.0f} | "
         f"MFU {mfu} | memory {m['memory_gib']:.2f} GiB"
+        + (f" | aux {m['moe_aux_loss']:.3f} | dropped {m['moe_dropped'] * 100:.1f}% | "
+           f"imbalance {m['moe_imbalance']:.2f}" if "moe_aux_loss" in m else "")
     )

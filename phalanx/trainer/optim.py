@@ -12,12 +12,20 @@ from phalanx.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices only (norm gains are not decayed).
+
+    Parameters on different device meshes (ep-sharded experts beside dense weights) go into separate
+    groups: one foreach/fused kernel cannot mix plain tensors and DTensors of other meshes.
+    """
+    from torch.distributed.tensor import DTensor
+
+    by_kind: dict[tuple, list[torch.Tensor]] = {}  # (decayed, mesh) -> parameters, in model order
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            mesh = param.device_mesh.mesh_dim_names if isinstance(param, DTensor) else None
+            by_kind.setdefault((param.dim() >= 2, mesh), []).append(param)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
+              for (decay, _), params in by_kind.items()]
     impl = cfg.implementation
     if impl == "auto":
         # The fused kernel exists for CUDA (and recent CPU builds); foreach is the portable fast path.

@@ -2,7 +2,8 @@
 
 Build order (each step documented because strategies depend on it):
   1. the model on the meta device (no memory);
-  2. strategies that reshape the model (sequence, then expert and pipeline as they land) on meta;
+  2. strategies that reshape the model on meta: sequence, then expert (when the model has MoE
+     layers: sp wiring, and experts sharded over ep), then pipeline as it lands;
   3. a data-parallel back end that shards parameters (`on_meta`, e.g. FSDP) wraps the meta model;
   4. materialise on the device, initialised from `run.seed` (identical on every rank);
   5. a data-parallel back end that wraps real tensors (DDP) does so; then `torch.compile` if asked.
@@ -29,6 +30,7 @@ from phalanx.launch.dist import DistContext, broadcast_object
 from phalanx.launch.signals import StopRequest
 from phalanx.models import build_on_meta, flops_per_token, materialize
 from phalanx.parallel import comm, registry
+from phalanx.parallel.expert import moe_layers, moe_metrics
 from phalanx.parallel.mesh import DATA_DIM
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
@@ -75,6 +77,11 @@ class Trainer:
         if cfg.parallel.sp > 1:
             self.sequence = registry.get("sequence", cfg.parallel.sp_backend, "parallel.sp_backend")
             model = self.sequence.apply(model, ctx.mesh, cfg)
+        self.moe_layers = moe_layers(model)
+        self.expert = None
+        if self.moe_layers and ctx.mesh is not None:
+            self.expert = registry.get("expert", cfg.parallel.ep_backend, "parallel.ep_backend")
+            model = self.expert.apply(model, ctx.mesh, cfg)
         self.data_parallel = data_parallel = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend")
         if data_parallel.on_meta:
             model = data_parallel.apply(model, ctx.mesh, cfg)
@@ -161,6 +168,8 @@ class Trainer:
         """Accumulate gradients of the mean loss over this rank's micro-batches (synchronised on the last)."""
         self.model.train()
         accumulation = len(micro_batches)
+        for layer in self.moe_layers:  # the aux losses are averaged over micro-batches like the loss
+            layer.loss_scale = 1.0 / accumulation
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             inputs, targets, positions = self._split(batch)  # (B, T) each; T/sp under sequence parallelism
@@ -169,6 +178,8 @@ class Trainer:
                     loss = cross_entropy(self.model(inputs, positions), targets) / accumulation
                 self.data_parallel.backward(self.model, loss)
             total += loss.detach()
+        if self.expert is not None:  # experts are reduced over their own group, not by the dp back end
+            self.expert.reduce_gradients(self.model)
         return total
 
     def optimizer_step(self) -> torch.Tensor:
@@ -296,6 +307,9 @@ class Trainer:
         loss_value = self._dp_mean(loss)  # waits for the device, so the interval's time is real
         seconds = (time.perf_counter() - interval_start) / interval_steps
         metrics = self._metrics(loss_value, float(grad_norm), seconds)
+        if self.moe_layers:
+            group = self.ctx.mesh[DATA_DIM].get_group() if self.ctx.distributed else None
+            metrics.update(moe_metrics(self.moe_layers, group, self.data.accumulation))
         eval_every = self.cfg.train.eval_every
         if eval_every and (self.step % eval_every == 0 or last):
             metrics["val_loss"] = self.evaluate()
