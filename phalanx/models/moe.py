@@ -2,7 +2,7 @@
 
 Replaces `Block.mlp` in every `model.moe.every_n_layers`-th block. Routing, capacity and dispatch
 live in `phalanx/parallel/expert.py`; this module owns the parameters and the per-step statistics.
-Parameter names: `router.weight` (E, d), `experts.w13` (E, d, 2F: gate | up), `experts.w2` (E, F, d),
+Parameter names: `router.weight` (E, d), `experts.w1` / `experts.w3` (E, d, F: gate / up), `experts.w2` (E, F, d),
 `shared.w1/w3/w2` when a shared expert is on.
 """
 
@@ -30,23 +30,23 @@ def is_moe_block(cfg: ModelConfig, index: int) -> bool:
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as two stacked weights, so all experts run as one grouped matmul per projection."""
+    """E SwiGLU experts as stacked weights, so all experts run as one grouped matmul per projection."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int):
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.kernel = "auto"
 
-    def local(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def local(self) -> tuple[torch.Tensor, ...]:
         """This rank's experts' weights (the ep shard when sharded), with autograd."""
         from torch.distributed.tensor import DTensor
 
-        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w13, self.w2))
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        w13, w2 = self.local()
-        return swiglu_experts(rows, w13, w2, counts, self.kernel)
+        return swiglu_experts(rows, *self.local(), counts, self.kernel)
 
 
 class MoE(nn.Module):
@@ -69,7 +69,7 @@ class MoE(nn.Module):
         """Make the stacked expert weights DTensors over the (edp, ep) mesh: Shard(0) over ep, replicated over edp."""
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-        for name in ("w13", "w2"):
+        for name in ("w1", "w3", "w2"):
             weight = getattr(self.experts, name)
             setattr(self.experts, name, nn.Parameter(distribute_tensor(weight.data, mesh, [Replicate(), Shard(0)])))
 

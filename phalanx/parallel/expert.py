@@ -178,26 +178,69 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     return device.type == "cpu"
 
 
-def swiglu_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+class ExpertLoop(torch.autograd.Function):
+    """SwiGLU experts one expert at a time, forward and backward written out (the CPU kernel).
+
+    Each expert's rows go through matmul, silu, product and matmul while they are in cache, and
+    weight gradients are written straight into their expert's slice: on CPU this beats one grouped
+    matmul per projection followed by elementwise passes over all rows (benchmarks/RESULTS.md), and
+    autograd through `w[e]` would allocate a whole stacked gradient per expert.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                splits: list[int]) -> torch.Tensor:
+        rows, hidden = x.shape[0], w1.shape[-1]
+        out, gate, up = x.new_empty((rows, w2.shape[-1])), x.new_empty((rows, hidden)), x.new_empty((rows, hidden))
+        for e, (xs, gs, us, os_) in enumerate(zip(*(t.split(splits) for t in (x, gate, up, out)))):
+            if xs.shape[0]:
+                torch.mm(xs, w1[e], out=gs)
+                torch.mm(xs, w3[e], out=us)
+                torch.mm(F.silu(gs) * us, w2[e], out=os_)
+        ctx.save_for_backward(x, w1, w3, w2, gate, up)
+        ctx.splits = splits
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        x, w1, w3, w2, gate, up = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = torch.empty_like(x)
+        dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w3), torch.zeros_like(w2)  # idle experts: 0
+        for e, (xs, gr, gs, us, dxs) in enumerate(zip(*(t.split(ctx.splits) for t in (x, grad, gate, up, dx)))):
+            if not xs.shape[0]:
+                continue
+            sig = torch.sigmoid(gs)
+            silu = gs * sig
+            torch.mm((silu * us).t(), gr, out=dw2[e])
+            d_hidden = gr @ w2[e].t()
+            d_up = d_hidden * silu
+            d_gate = d_hidden.mul_(us).mul_(sig * (1 + gs * (1 - sig)))  # silu'(g) = sig * (1 + g * (1 - sig))
+            torch.mm(xs.t(), d_gate, out=dw1[e])
+            torch.mm(xs.t(), d_up, out=dw3[e])
+            torch.mm(d_gate, w1[e].t(), out=dxs)
+            dxs.addmm_(d_up, w3[e].t())
+        return dx, dw1, dw3, dw2, None
+
+
+def swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
                    kernel: str) -> torch.Tensor:
     """SwiGLU of each row of x (M, d), sorted by expert with `counts` (E_local,) rows per expert.
 
-    w13 (E_local, d, 2F) holds gate and up projections side by side (one matmul); w2 (E_local, F, d).
-    `kernel`: grouped_mm (one kernel per projection) or loop (one matmul per expert, the fallback).
+    w1 (gate), w3 (up): (E_local, d, F); w2 (down): (E_local, F, d). `kernel`: grouped_mm (one
+    `torch._grouped_mm` per projection: the GPU path) or loop (`ExpertLoop`: the CPU path, and the
+    fallback where grouped_mm is missing); auto picks grouped_mm on CUDA where supported, else loop.
     """
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
     if kernel == "auto":
-        kernel = "grouped_mm" if grouped_mm_supported(x.device, dtype, *w13.shape[1:], w2.shape[-1]) else "loop"
+        on_gpu = x.device.type == "cuda" and grouped_mm_supported(x.device, dtype, *w1.shape[1:], w2.shape[-1])
+        kernel = "grouped_mm" if on_gpu else "loop"
     if kernel == "grouped_mm":
         offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = GroupedMM.apply(x, w13, offsets).chunk(2, dim=-1)
+        gate, up = GroupedMM.apply(x, w1, offsets), GroupedMM.apply(x, w3, offsets)
         return GroupedMM.apply(F.silu(gate) * up, w2, offsets)
-    outs = []
-    for e, rows in enumerate(x.split(counts.tolist())):
-        gate, up = (rows @ w13[e]).chunk(2, dim=-1)
-        outs.append((F.silu(gate) * up) @ w2[e])
-    return torch.cat(outs) if outs else x.new_empty((0, w2.shape[-1]))
+    return ExpertLoop.apply(x, w1, w3, w2, counts.tolist())
 
 
 # ---- dispatch ------------------------------------------------------------------------------
@@ -213,6 +256,20 @@ class LocalDispatch:
 
     def __call__(self, rows: torch.Tensor, counts: torch.Tensor, experts: ExpertFn) -> torch.Tensor:
         return experts(rows, counts)
+
+
+class PermuteRows(torch.autograd.Function):
+    """x[order] for a permutation `order`; its backward scatters without accumulation (each row once)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (order,) = ctx.saved_tensors
+        return torch.empty_like(grad).index_copy_(0, order, grad), None
 
 
 class AllToAllDispatch:
@@ -236,8 +293,8 @@ class AllToAllDispatch:
         expert_of_row = torch.arange(local_experts, device=rows.device).repeat(self.ep).repeat_interleave(
             recv_counts.flatten())
         order = torch.argsort(expert_of_row, stable=True)
-        out = experts(received[order], recv_counts.sum(0))
-        back = torch.empty_like(out).index_copy(0, order, out)  # arrival order again
+        out = experts(PermuteRows.apply(received, order), recv_counts.sum(0))
+        back = PermuteRows.apply(out, torch.argsort(order))  # arrival order again
         return AllToAllRows.apply(back, self.group, in_splits, out_splits, self.counter)
 
 
@@ -251,7 +308,7 @@ def moe_combine(x: torch.Tensor, routing: Routing, num_experts: int, dispatch: A
         assignments = torch.arange(N * k, device=x.device)
     assignments = assignments[torch.argsort(chosen[assignments], stable=True)]  # sorted by expert
     counts = torch.bincount(chosen[assignments], minlength=num_experts)
-    out = dispatch(x[assignments // k], counts, experts)  # (assignments, d)
+    out = dispatch(x.index_select(0, assignments // k), counts, experts)  # (assignments, d)
     slots = out.new_zeros((N * k, out.shape[-1])).index_copy(0, assignments, out)
     return (slots.view(N, k, -1) * routing.weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 

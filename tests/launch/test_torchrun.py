@@ -9,12 +9,14 @@ import subprocess
 import pytest
 
 from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, final_checkpoint, kill_tree, load_checkpoint,
-                           loopback_env, losses, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
+                           loopback_env, losses, metrics, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
 STEPS = 20
 COMMON = [f"train.steps={STEPS}", "checkpoint.persist_every=0", "train.batch_size=8", "train.micro_batch_size=2"]
+
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_dim=64"]
 
 # layout -> (processes, overrides). fp32 on CPU: the ranks sum the same numbers in a different
 # order, so losses agree to rounding; 1e-5 relative holds over 20 steps (the issues ask 1e-5 for
@@ -31,6 +33,9 @@ LAYOUTS = {
     "zero2": (2, ["parallel.dp_backend=zero", "parallel.zero_stage=2"]),
     "zero3": (2, ["parallel.dp_backend=zero", "parallel.zero_stage=3"]),
     "zero2xsp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
+    "moe-ep2xdp2": (4, [*MOE, "parallel.ep=2"]),
+    "moe-ep2xsp2-fsdp": (4, [*MOE, "parallel.dp=2", "parallel.sp=2", "parallel.ep=2", "parallel.dp_backend=fsdp"]),
+    "moe-zero2": (2, [*MOE, "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
 }
 
 
@@ -62,6 +67,10 @@ def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
         assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}: {loss} vs {got[step]}"
     assert one_process[STEPS] < 0.8 * one_process[1]  # and it learned something
     assert run.stdout.count("training ") == 1 and run.stdout.count(" | loss ") == STEPS  # only rank 0 logs
+    if layout.startswith("moe"):
+        routing = metrics(tmp_path / "t")[-1]
+        assert routing["moe_aux_loss"] > 0.9 and routing["moe_imbalance"] >= 1.0 and routing["moe_dropped"] == 0.0
+        assert (routing["moe_a2a_bytes"] > 0) == ("parallel.ep=2" in extra)
 
 
 # ZeRO is left out: one run in four of this test with ZeRO-3 ended 1e-8 away from the uninterrupted
@@ -71,7 +80,8 @@ def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     ("configs/tiny.yaml", 2, []),
     ("configs/tiny_dp_sp.yaml", 4, []),
     ("configs/tiny_fsdp_sp.yaml", 4, []),
-], ids=["ddp2", "dp2xsp2", "fsdp2xsp2"])
+    ("configs/tiny_moe_ep.yaml", 4, ["train.micro_batch_size=2"]),
+], ids=["ddp2", "dp2xsp2", "fsdp2xsp2", "moe-ep2xdp2"])
 def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(config, nproc, layout, tmp_path):
     steps = 16
     extra = [f"train.steps={steps}", "checkpoint.persist_every=2", *layout]

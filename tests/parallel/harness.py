@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from phalanx.config import load_config, validate
 from phalanx.launch.dist import init_distributed, shutdown
 from phalanx.parallel import comm
+from phalanx.parallel.expert import moe_metrics
 from phalanx.trainer import Trainer
 from tests.helpers import CONFIG, TINY, free_port
 
@@ -53,6 +54,9 @@ def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
         loss = trainer.forward_backward(trainer.data.next_step())
         sent = comm.STATS.take()  # what this rank's forward and backward sent
         result = {"loss": trainer._dp_mean(loss), "grads": full_grads(trainer.model), "rank": ctx.rank, "comm": sent}
+        if trainer.moe_layers:
+            group = ctx.mesh["dp_sp"].get_group() if ctx.distributed else None
+            result["moe"] = moe_metrics(trainer.moe_layers, group, trainer.data.accumulation)
         if ctx.distributed:
             torch.distributed.barrier()  # no rank tears down while another still talks to it
         del trainer
