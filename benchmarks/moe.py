@@ -8,7 +8,7 @@ deterministically. The two layers alternate iteration by iteration so machine no
 Part 1: one process (CPU; or one GPU with --device cuda, bf16 autocast).
 Part 2: ep = 2 on gloo over loopback, each rank with its own tokens and half the experts (CPU only).
 
-    python benchmarks/moe.py [--iters 20] [--device cpu|cuda] [--skip-ep]
+    python benchmarks/moe.py [--iters 20] [--device cpu|cuda] [--skip-ep] [--kernel auto|grouped_mm|loop]
 
 Last line: JSON with `speedup` = DeepSpeed time / phalanx time (geometric mean over the parts run).
 """
@@ -45,7 +45,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _layers(shape: dict, ep: int, device: torch.device):
+def _layers(shape: dict, ep: int, device: torch.device, kernel: str = "auto"):
     """(phalanx MoE, DeepSpeed MoE), both with `ep`-sharded experts, initialised N(0, 0.02)."""
     import torch.nn as nn
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
@@ -58,7 +58,7 @@ def _layers(shape: dict, ep: int, device: torch.device):
     overrides = [f"model.d_model={shape['d_model']}", f"model.moe.num_experts={shape['experts']}",
                  f"model.moe.top_k={shape['top_k']}", f"model.moe.ffn_dim={shape['ffn']}",
                  f"model.moe.capacity_factor={shape['capacity_factor']}", f"parallel.ep={ep}",
-                 f"parallel.dp={ep}", "model.n_heads=8"]
+                 f"parallel.dp={ep}", "model.n_heads=8", f"model.moe.kernel={kernel}"]
     cfg = load_config(None, overrides)
     ours = nn.Module()
     with torch.device("meta"):
@@ -116,7 +116,8 @@ def _time_pair(ours, theirs, shape: dict, device: torch.device, iters: int, seed
             "speedup": round(med["deepspeed"] / med["phalanx"], 4)}
 
 
-def _worker(rank: int, world: int, port: int, shape: dict, iters: int, device_type: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, shape: dict, iters: int, device_type: str, kernel: str,
+            out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
     if device_type == "cpu":
@@ -130,7 +131,7 @@ def _worker(rank: int, world: int, port: int, shape: dict, iters: int, device_ty
         torch.cuda.set_device(device)
     dist.init_process_group(backend)
     deepspeed.init_distributed(dist_backend=backend)
-    ours, theirs = _layers(shape, world, device)
+    ours, theirs = _layers(shape, world, device, kernel)
     result = _time_pair(ours, theirs, shape, device, iters, seed=rank)
     dist.barrier()
     if rank == 0:
@@ -138,10 +139,10 @@ def _worker(rank: int, world: int, port: int, shape: dict, iters: int, device_ty
     dist.destroy_process_group()
 
 
-def run(world: int, shape: dict, iters: int, device_type: str) -> dict:
+def run(world: int, shape: dict, iters: int, device_type: str, kernel: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(world, _free_port(), shape, iters, device_type, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), shape, iters, device_type, kernel, out), nprocs=world, join=True)
         return torch.load(out)
 
 
@@ -150,18 +151,20 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--skip-ep", action="store_true")
+    parser.add_argument("--kernel", choices=("auto", "grouped_mm", "loop"), default="auto",
+                        help="phalanx's expert kernel (model.moe.kernel)")
     args = parser.parse_args()
     shape = SHAPES[args.device]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"device: {device_name} x{os.cpu_count()} cores, torch {torch.__version__}; shape {shape}", flush=True)
 
-    parts = {"one_process": run(1, shape, args.iters, args.device)}
+    parts = {"one_process": run(1, shape, args.iters, args.device, args.kernel)}
     print(f"one process: {parts['one_process']}", flush=True)
     if not args.skip_ep and args.device == "cpu":
-        parts["ep2"] = run(2, shape, args.iters, args.device)
+        parts["ep2"] = run(2, shape, args.iters, args.device, args.kernel)
         print(f"ep=2 (gloo): {parts['ep2']}", flush=True)
     speedup = math.exp(statistics.mean(math.log(p["speedup"]) for p in parts.values()))
-    print(json.dumps({"benchmark": "moe", "device": args.device, "shape": shape, **parts,
+    print(json.dumps({"benchmark": "moe", "device": device_name, "kernel": args.kernel, "shape": shape, **parts,
                       "speedup": round(speedup, 4)}))
 
 

@@ -98,6 +98,6 @@ def test_every_shipped_config_is_valid():
 
 
 def test_degree_without_a_registered_strategy_is_refused():
-    cfg = load_config(CONFIG, ["parallel.ep=2"])
-    with pytest.raises(ConfigError, match=r"parallel.ep=2: no expert-parallel strategy"):
+    cfg = load_config(CONFIG, ["parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"parallel.pp=2: no pipeline-parallel strategy"):
         validate(cfg, world_size=2)

@@ -34,6 +34,9 @@ LAYOUTS = {
     "ep2-fsdp": (2, ["parallel.dp=2", "parallel.ep=2", "parallel.dp_backend=fsdp", "model.moe.shared_expert=true"]),
     "ep4-top1-fsdp-sp2": (4, ["parallel.dp=2", "parallel.sp=2", "parallel.ep=4", "parallel.dp_backend=fsdp",
                               "model.moe.top_k=1"]),
+    # ep = 1: experts are ordinary weights of the data-parallel back end (FSDP shards them, ZeRO partitions)
+    "fsdp2-ep1": (2, ["parallel.dp=2", "parallel.dp_backend=fsdp"]),
+    "zero2-ep1": (2, ["parallel.dp=2", "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
 }
 
 
