@@ -109,6 +109,10 @@ class ParallelConfig:
     zero_stage: int = 1  # dp_backend=zero: 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     sp_backend: str = "ulysses"
     ep_backend: str = "alltoall"
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved (interleaved 1F1B, pp_virtual_stages per rank)
+    pp_virtual_stages: int = 2  # model chunks per rank under pp_schedule=interleaved
+    pp_split: Optional[list[int]] = None  # blocks per stage (pp, or pp * pp_virtual_stages entries); None: balanced
+    microbatches: Any = "auto"  # pipeline micro-batches per schedule run; auto: all of a rank's micro-batches
     comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/parallel/comm.py)
 
 

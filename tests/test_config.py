@@ -97,7 +97,7 @@ def test_every_shipped_config_is_valid():
         load_config(str(path))
 
 
-def test_degree_without_a_registered_strategy_is_refused():
-    cfg = load_config(CONFIG, ["parallel.pp=2"])
-    with pytest.raises(ConfigError, match=r"parallel.pp=2: no pipeline-parallel strategy"):
+def test_unknown_strategy_name_is_refused_with_the_registered_ones():
+    cfg = load_config(CONFIG, ["parallel.pp=2", "parallel.pp_schedule=zero_bubble"])
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule='zero_bubble'.*available: 1f1b, gpipe, interleaved"):
         validate(cfg, world_size=2)

@@ -132,19 +132,26 @@ class GPT(nn.Module):
         # RoPE tables are derived, not state: computed in materialize(), never checkpointed.
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.d_model // cfg.n_heads // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.d_model // cfg.n_heads // 2), persistent=False)
+        # Every parameter of the whole model, in init order: a pipeline stage that keeps some of them
+        # still draws all of them, so each stage holds exactly the values one process would.
+        self.init_order = [(name, tuple(p.shape)) for name, p in self.named_parameters()]
+        self.positions: Optional[torch.Tensor] = None  # default RoPE positions (a sequence shard's, under sp)
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). `positions` (T,) overrides 0..T-1 (sequence shards)."""
-        T = tokens.shape[1]
-        if positions is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = self.rope(tokens.shape[1], positions)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
         for block in self.layers.values():
             h = block(h, cos, sin)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+    def rope(self, T: int, positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for T tokens at `positions` (else `self.positions`, else 0..T-1)."""
+        positions = positions if positions is not None else self.positions
+        if positions is None:
+            return self.rope_cos[:T], self.rope_sin[:T]
+        return self.rope_cos[positions], self.rope_sin[positions]
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
@@ -157,13 +164,15 @@ class GPT(nn.Module):
             self.output.weight = self.tok_embeddings.weight  # to_empty() off the meta device unties them
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, param in self.named_parameters():
+        params = dict(self.named_parameters())
+        for name, shape in self.init_order:
             if name.endswith("norm.weight"):
-                _assign(param, torch.ones(param.shape))
-                continue
-            scale = out_std if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else std
-            cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
-            _assign(param, cpu)
+                full = torch.ones(shape)
+            else:
+                scale = out_std if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else std
+                full = torch.empty(shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
+            if name in params:  # a pipeline stage draws the other stages' values too, and drops them
+                _assign(params[name], full)
         cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
                                self.rope_cos.device)
         self.rope_cos.copy_(cos)

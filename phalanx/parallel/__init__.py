@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from phalanx.errors import ConfigError
-from phalanx.parallel import data_parallel, expert, sequence, zero  # noqa: F401  (register the strategies)
+from phalanx.parallel import data_parallel, expert, pipeline, sequence, zero  # noqa: F401  (register the strategies)
 from phalanx.parallel.mesh import ParallelDims
 from phalanx.parallel.registry import available, get, register
 
 # mesh dimension -> (strategy kind, config key naming the strategy, or None while none is registered)
-_KIND_OF_DIM = {"sp": ("sequence", "sp_backend"), "ep": ("expert", "ep_backend"), "pp": ("pipeline", None)}
+_KIND_OF_DIM = {"sp": ("sequence", "sp_backend"), "ep": ("expert", "ep_backend"), "pp": ("pipeline", "pp_schedule")}
 
 
 def validate_layout(cfg: Any, world_size: int, dp: int) -> ParallelDims:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -64,9 +64,11 @@ class TorchDataParallel:
         loss.backward()
 
     @staticmethod
-    def step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-        """Clip to `max_norm`, step, clear gradients; returns the global grad norm before clipping."""
-        grad_norm = clip_grad_norm(model.parameters(), max_norm)
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
+             pp_group: Optional[Any] = None) -> torch.Tensor:
+        """Clip to `max_norm`, step, clear gradients; returns the global grad norm before clipping.
+        `pp_group`: the other pipeline stages, whose gradients count in the global norm."""
+        grad_norm = clip_grad_norm(model.parameters(), max_norm, pp_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -87,7 +89,7 @@ def placed_elsewhere(param: torch.Tensor) -> bool:
     return isinstance(param, DTensor)
 
 
-def clip_grad_norm(params: Iterator[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: Iterator[torch.Tensor], max_norm: float, pp_group: Optional[Any] = None) -> torch.Tensor:
     """`nn.utils.clip_grad_norm_` for parameters on several meshes (FSDP shards, ep-sharded experts, plain).
 
     The norm of each group is taken on its own mesh (DTensor reduces its shards), and the groups'
@@ -102,9 +104,15 @@ def clip_grad_norm(params: Iterator[torch.Tensor], max_norm: float) -> torch.Ten
     for members in groups.values():
         norm = nn.utils.get_total_norm([p.grad for p in members], foreach=True)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if not norms:
+    if pp_group is not None:  # stages hold disjoint parameters: squares add up over the pipeline
+        device = norms[0].device if norms else torch.device("cpu")
+        squares = sum((n.to(device).square() for n in norms), torch.zeros((), device=device))
+        comm.all_reduce(squares, pp_group, "pp")
+        total = squares.sqrt()
+    elif not norms:
         return torch.zeros(())
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    else:
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
     for members in groups.values():
         nn.utils.clip_grads_with_norm_(members, max_norm, total, foreach=True)
     return total

@@ -74,7 +74,7 @@ class ZeroStrategy(TorchDataParallel):
         model.backward(loss, scale_wrt_gas=False)
 
     @staticmethod
-    def step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, pp_group: Any = None) -> torch.Tensor:
         model.step()  # reduce-scatter, clip to gradient_clipping, AdamW on partitions, gather, zero grads
         return torch.tensor(float(model.get_global_grad_norm()))
 

@@ -31,6 +31,8 @@ from phalanx.launch.signals import StopRequest
 from phalanx.models import build_on_meta, flops_per_token, materialize
 from phalanx.parallel import comm, registry
 from phalanx.parallel.expert import moe_layers, moe_metrics
+from phalanx.parallel.pipeline import num_stages, pipeline_microbatches
+from phalanx.scheduler.pipeline import PipelineRunner, theoretical_bubble
 from phalanx.parallel.mesh import DATA_DIM
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
@@ -77,17 +79,30 @@ class Trainer:
         if cfg.parallel.sp > 1:
             self.sequence = registry.get("sequence", cfg.parallel.sp_backend, "parallel.sp_backend")
             model = self.sequence.apply(model, ctx.mesh, cfg)
-        self.moe_layers = moe_layers(model)
         self.expert = None
-        if self.moe_layers and ctx.mesh is not None:
+        if moe_layers(model) and ctx.mesh is not None:
             self.expert = registry.get("expert", cfg.parallel.ep_backend, "parallel.ep_backend")
             model = self.expert.apply(model, ctx.mesh, cfg)
+        # Pipeline: this rank keeps its blocks in `model` and runs them as stage modules; data
+        # parallelism wraps each stage (what runs), the optimizer and the state see `model`.
+        stages, plans = [model], None
+        if cfg.parallel.pp > 1:
+            parts = registry.get("pipeline", cfg.parallel.pp_schedule, "parallel.pp_schedule").split(model, ctx.mesh, cfg)
+            model, stages, plans = parts.model, parts.stages, [stage.plan for stage in parts.stages]
+        self.moe_layers = moe_layers(model)
         self.data_parallel = data_parallel = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend")
         if data_parallel.on_meta:
-            model = data_parallel.apply(model, ctx.mesh, cfg)
+            stages = [data_parallel.apply(stage, ctx.mesh, cfg) for stage in stages]
         materialize(model, self.device, cfg.run.seed)
         if not data_parallel.on_meta:
-            model = data_parallel.apply(model, ctx.mesh, cfg)
+            stages = [data_parallel.apply(stage, ctx.mesh, cfg) for stage in stages]
+        self.pipeline: Optional[PipelineRunner] = None
+        if plans is not None:
+            self.pipeline = PipelineRunner(stages, plans, num_stages(cfg.parallel), cfg.parallel.pp_schedule,
+                                           pipeline_microbatches(cfg, cfg.parallel.dp), ctx.mesh["pp"].get_group(),
+                                           self.device, cross_entropy)
+        else:
+            model = stages[0]
         if cfg.train.compile:
             model = torch.compile(model)
         comm.enable(cfg.parallel.comm_stats)
@@ -99,7 +114,9 @@ class Trainer:
         self.data = DataPosition(build_dataset(cfg), cfg.train.batch_size, cfg.train.micro_batch_size, dp_rank, dp_size)
         self.checkpointer = PersistentCheckpointer(
             f"{run_dir}/checkpoints", ctx.rank, ctx.world_size, cfg.checkpoint.keep_last,
-            self.RANK_LOCAL_STATE + data_parallel.rank_local_state(cfg),
+            self.RANK_LOCAL_STATE + data_parallel.rank_local_state(cfg)
+            # Each stage's optimizer param_groups name only its parameters: saved per rank.
+            + (("optim",) if self.pipeline is not None and "optim" not in data_parallel.rank_local_state(cfg) else ()),
         )
         self.step = 0
         self.wandb_run_id: Optional[str] = None
@@ -166,33 +183,68 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate gradients of the mean loss over this rank's micro-batches (synchronised on the last)."""
-        self.model.train()
+        self._train_mode()
         accumulation = len(micro_batches)
         for layer in self.moe_layers:  # the aux losses are averaged over micro-batches like the loss
             layer.loss_scale = 1.0 / accumulation
-        total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            inputs, targets, positions = self._split(batch)  # (B, T) each; T/sp under sequence parallelism
-            with self.data_parallel.accumulate(self.model, sync=i == accumulation - 1):
-                with self._autocast():
-                    loss = cross_entropy(self.model(inputs, positions), targets) / accumulation
-                self.data_parallel.backward(self.model, loss)
-            total += loss.detach()
+        if self.pipeline is not None:
+            total = self._pipeline_forward_backward(micro_batches)
+        else:
+            total = torch.zeros((), device=self.device)
+            for i, batch in enumerate(micro_batches):
+                inputs, targets, positions = self._split(batch)  # (B, T) each; T/sp under sequence parallelism
+                with self.data_parallel.accumulate(self.model, sync=i == accumulation - 1):
+                    with self._autocast():
+                        loss = cross_entropy(self.model(inputs, positions), targets) / accumulation
+                    self.data_parallel.backward(self.model, loss)
+                total += loss.detach()
         if self.expert is not None:  # experts are reduced over their own group, not by the dp back end
             self.expert.reduce_gradients(self.model)
         return total
 
+    def _pipeline_forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """The micro-batches in schedule runs of `microbatches` each; the loss, known on the last stage, to all."""
+        runner, per_run = self.pipeline, self.pipeline.microbatches
+        runner.loss_scale = 1.0 / len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for first in range(0, len(micro_batches), per_run):
+            inputs, targets, positions = self._split(torch.cat(micro_batches[first:first + per_run]))
+            self.model.positions = positions  # every stage's RoPE reads its sequence shard's positions
+            with self._autocast():
+                total += runner.run(inputs, targets)
+        return self._from_last_stage(total)
+
+    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        comm.all_reduce(value, self.ctx.mesh["pp"].get_group(), "pp")  # other stages hold 0
+        return value
+
+    def _train_mode(self, on: bool = True) -> None:
+        self.model.train(on)
+        for stage in self.pipeline.stages if self.pipeline is not None else ():
+            stage.submod.train(on)
+
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step the optimizer and the LR schedule, clear gradients. Returns the pre-clip grad norm."""
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        grad_norm = self.data_parallel.step(self.model, self.optimizer, self.cfg.optim.grad_clip or math.inf)
+        pp_group = self.ctx.mesh["pp"].get_group() if self.pipeline is not None else None
+        grad_norm = self.data_parallel.step(self.model, self.optimizer, self.cfg.optim.grad_clip or math.inf,
+                                            pp_group)
         self.schedule.step()
         return grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
+        self._train_mode(False)
         losses = []
+        if self.pipeline is not None:  # eval batches in groups of `microbatches`, one schedule run each
+            per_run = self.pipeline.microbatches
+            batches = list(self.data.eval_batches(-(-self.cfg.train.eval_batches // per_run) * per_run))
+            for first in range(0, len(batches), per_run):
+                inputs, targets, positions = self._split(torch.cat(batches[first:first + per_run]))
+                self.model.positions = positions
+                with self._autocast():
+                    losses.append(self._from_last_stage(self.pipeline.evaluate(inputs, targets)))
+            return self._dp_mean(torch.stack(losses).mean())
         for batch in self.data.eval_batches(self.cfg.train.eval_batches):
             inputs, targets, positions = self._split(batch)
             with self._autocast():
@@ -310,6 +362,8 @@ class Trainer:
         if self.moe_layers:
             group = self.ctx.mesh[DATA_DIM].get_group() if self.ctx.distributed else None
             metrics.update(moe_metrics(self.moe_layers, group, self.data.accumulation))
+        if self.pipeline is not None:
+            metrics.update(self._bubble())
         eval_every = self.cfg.train.eval_every
         if eval_every and (self.step % eval_every == 0 or last):
             metrics["val_loss"] = self.evaluate()
@@ -318,6 +372,15 @@ class Trainer:
         for hook in self.hooks:
             hook(self, metrics)
         return metrics
+
+    def _bubble(self) -> dict[str, float]:
+        """Measured idle share of the schedule runs since the last logged step, averaged over the pp ranks."""
+        busy, wall = self.pipeline.take_timing()
+        idle = torch.tensor([1.0 - busy / wall if wall > 0 else 0.0], dtype=torch.float64, device=self.device)
+        comm.all_reduce(idle, self.ctx.mesh["pp"].get_group(), "pp", op=dist.ReduceOp.AVG)
+        p = self.cfg.parallel
+        virtual = p.pp_virtual_stages if p.pp_schedule == "interleaved" else 1
+        return {"pp_bubble": float(idle), "pp_bubble_theory": theoretical_bubble(p.pp, self.pipeline.microbatches, virtual)}
 
     def _metrics(self, loss: float, grad_norm: float, seconds: float) -> dict[str, Any]:
         tokens_per_s = self.cfg.train.batch_size * self.cfg.data.seq_len / seconds

@@ -53,7 +53,12 @@ def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
         trainer = Trainer(cfg, ctx, run_dir)
         loss = trainer.forward_backward(trainer.data.next_step())
         sent = comm.STATS.take()  # what this rank's forward and backward sent
-        result = {"loss": trainer._dp_mean(loss), "grads": full_grads(trainer.model), "rank": ctx.rank, "comm": sent}
+        grads = full_grads(trainer.model)
+        if trainer.pipeline is not None:  # each stage holds its own parameters: collect them all
+            every = [None] * ctx.world_size
+            torch.distributed.all_gather_object(every, grads)
+            grads = {name: grad for stage_grads in every for name, grad in stage_grads.items()}
+        result = {"loss": trainer._dp_mean(loss), "grads": grads, "rank": ctx.rank, "comm": sent}
         if trainer.moe_layers:
             group = ctx.mesh["dp_sp"].get_group() if ctx.distributed else None
             result["moe"] = moe_metrics(trainer.moe_layers, group, trainer.data.accumulation)
