@@ -64,6 +64,11 @@ class TorchDataParallel:
         loss.backward()
 
     @staticmethod
+    def reduce_pipeline_gradients(model: nn.Module, mesh: Any) -> None:
+        """After a step's pipeline schedule runs: back ends that do not reduce inside the stages do it here."""
+        return None
+
+    @staticmethod
     def step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
              pp_group: Optional[Any] = None) -> torch.Tensor:
         """Clip to `max_norm`, step, clear gradients; returns the global grad norm before clipping.
@@ -124,8 +129,8 @@ class DDPStrategy(TorchDataParallel):
 
     @staticmethod
     def apply(model: nn.Module, mesh: Any, cfg: Any) -> nn.Module:
-        if mesh is None or mesh[DATA_DIM].size() == 1:
-            return model
+        if mesh is None or mesh[DATA_DIM].size() == 1 or cfg.parallel.pp > 1:
+            return model  # pipeline stages: see reduce_pipeline_gradients
         device = next(model.parameters()).device
         # DDP broadcasts rank 0's parameters at construction. The only buffers (RoPE tables) are
         # derived and identical on every rank, so they are not re-broadcast before each forward.
@@ -149,6 +154,24 @@ class DDPStrategy(TorchDataParallel):
         if cfg.parallel.comm_stats:
             ddp.register_comm_hook(mesh[DATA_DIM].get_group(), comm.ddp_counting_hook(DATA_DIM))
         return ddp
+
+
+    @staticmethod
+    @torch.no_grad()
+    def reduce_pipeline_gradients(model: nn.Module, mesh: Any) -> None:
+        """Pipeline stages are not wrapped in DDP: a DDP module driven by torch's pipeline schedules
+        resumed 1e-8 away from an uninterrupted run (its reducer state differs on a launch's first
+        step), breaking exact resume. Instead the step's gradients are averaged here, after the
+        schedule, in one flat all-reduce in parameter order: deterministic, and like DDP's default
+        hook (divide, then sum). It forgoes DDP's overlap of the reduction with backward."""
+        if mesh[DATA_DIM].size() == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None and not placed_elsewhere(p)]
+        if not grads:
+            return
+        flat = torch.cat([g.flatten() for g in grads]).div_(mesh[DATA_DIM].size())
+        comm.all_reduce(flat, mesh[DATA_DIM].get_group(), DATA_DIM)
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 @register("data", "fsdp")

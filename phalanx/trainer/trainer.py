@@ -212,6 +212,7 @@ class Trainer:
             self.model.positions = positions  # every stage's RoPE reads its sequence shard's positions
             with self._autocast():
                 total += runner.run(inputs, targets)
+        self.data_parallel.reduce_pipeline_gradients(self.model, self.ctx.mesh)
         return self._from_last_stage(total)
 
     def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ STEPS = 20
 COMMON = [f"train.steps={STEPS}", "checkpoint.persist_every=0", "train.batch_size=8", "train.micro_batch_size=2"]
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_dim=64"]
+PP4 = ["model.n_layers=4"]  # enough blocks for 4 stages
 
 # layout -> (processes, overrides). fp32 on CPU: the ranks sum the same numbers in a different
 # order, so losses agree to rounding; 1e-5 relative holds over 20 steps (the issues ask 1e-5 for
@@ -36,6 +37,13 @@ LAYOUTS = {
     "moe-ep2xdp2": (4, [*MOE, "parallel.ep=2"]),
     "moe-ep2xsp2-fsdp": (4, [*MOE, "parallel.dp=2", "parallel.sp=2", "parallel.ep=2", "parallel.dp_backend=fsdp"]),
     "moe-zero2": (2, [*MOE, "parallel.dp_backend=zero", "parallel.zero_stage=2"]),
+    "pp2-gpipe": (2, [*PP4, "parallel.pp=2", "parallel.pp_schedule=gpipe"]),
+    "pp2-1f1b": (2, [*PP4, "parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    "pp2-interleaved": (2, [*PP4, "parallel.pp=2", "parallel.pp_schedule=interleaved"]),
+    "pp4": (4, [*PP4, "parallel.pp=4"]),
+    "pp2xdp2": (4, [*PP4, "parallel.pp=2", "parallel.dp=2"]),
+    "pp2xsp2": (4, [*PP4, "parallel.pp=2", "parallel.dp=1", "parallel.sp=2"]),
+    "pp2xep2-moe": (4, [*PP4, *MOE, "parallel.pp=2", "parallel.dp=2", "parallel.ep=2"]),
 }
 
 
@@ -63,14 +71,18 @@ def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     assert run.returncode == 0, run.stderr
     got = losses(tmp_path / "t")
     assert sorted(got) == sorted(one_process) == list(range(1, STEPS + 1))
+    rel = 1e-4 if layout.startswith("pp") else 1e-5  # the pipeline issue asks 1e-4
     for step, loss in one_process.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}: {loss} vs {got[step]}"
+        assert got[step] == pytest.approx(loss, rel=rel), f"step {step}: {loss} vs {got[step]}"
     assert one_process[STEPS] < 0.8 * one_process[1]  # and it learned something
     assert run.stdout.count("training ") == 1 and run.stdout.count(" | loss ") == STEPS  # only rank 0 logs
     if layout.startswith("moe"):
         routing = metrics(tmp_path / "t")[-1]
         assert routing["moe_aux_loss"] > 0.9 and routing["moe_imbalance"] >= 1.0 and routing["moe_dropped"] == 0.0
         assert (routing["moe_a2a_bytes"] > 0) == ("parallel.ep=2" in extra)
+    if layout.startswith("pp"):
+        last = metrics(tmp_path / "t")[-1]
+        assert 0.0 < last["pp_bubble"] < 1.0 and 0.0 < last["pp_bubble_theory"] < 1.0
 
 
 # ZeRO is left out: one run in four of this test with ZeRO-3 ended 1e-8 away from the uninterrupted
@@ -81,7 +93,8 @@ def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     ("configs/tiny_dp_sp.yaml", 4, []),
     ("configs/tiny_fsdp_sp.yaml", 4, []),
     ("configs/tiny_moe_ep.yaml", 4, ["train.micro_batch_size=2"]),
-], ids=["ddp2", "dp2xsp2", "fsdp2xsp2", "moe-ep2xdp2"])
+    ("configs/tiny_pp.yaml", 4, ["train.micro_batch_size=2"]),
+], ids=["ddp2", "dp2xsp2", "fsdp2xsp2", "moe-ep2xdp2", "pp2xdp2"])
 def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(config, nproc, layout, tmp_path):
     steps = 16
     extra = [f"train.steps={steps}", "checkpoint.persist_every=2", *layout]
