@@ -1,4 +1,2 @@
-"""When and where things run: pipeline schedules and the communication planner (see ARCHITECTURE.md).
-
-Empty until the pipeline and planning work lands; the package exists so the layout is the target one.
-"""
+"""When and where things run (see ARCHITECTURE.md): pipeline schedules (`pipeline.py`); the
+communication planner lands here too."""

@@ -213,11 +213,7 @@ class Trainer:
             with self._autocast():
                 total += runner.run(inputs, targets)
         self.data_parallel.reduce_pipeline_gradients(self.model, self.ctx.mesh)
-        return self._from_last_stage(total)
-
-    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
-        comm.all_reduce(value, self.ctx.mesh["pp"].get_group(), "pp")  # other stages hold 0
-        return value
+        return total  # the last stage's loss; other stages hold 0 (_dp_mean gathers it when logged)
 
     def _train_mode(self, on: bool = True) -> None:
         self.model.train(on)
@@ -244,7 +240,7 @@ class Trainer:
                 inputs, targets, positions = self._split(torch.cat(batches[first:first + per_run]))
                 self.model.positions = positions
                 with self._autocast():
-                    losses.append(self._from_last_stage(self.pipeline.evaluate(inputs, targets)))
+                    losses.append(self.pipeline.evaluate(inputs, targets))
             return self._dp_mean(torch.stack(losses).mean())
         for batch in self.data.eval_batches(self.cfg.train.eval_batches):
             inputs, targets, positions = self._split(batch)
@@ -260,9 +256,14 @@ class Trainer:
         return batch[:, :-1], batch[:, 1:], None
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        """Mean over every rank that saw different tokens (dp x sp); equal token counts per rank."""
+        """Mean over every rank that saw different tokens (dp x sp); equal token counts per rank.
+        Under pipeline parallelism only the last stage holds the loss (the others 0): the sum over
+        all ranks divided by dp x sp is the same mean, in one collective."""
         if self.ctx.distributed:
             value = value.detach().clone()
+            if self.pipeline is not None:
+                comm.all_reduce(value, None, "world")
+                return float(value) / self.ctx.mesh[DATA_DIM].size()
             comm.all_reduce(value, self.ctx.mesh[DATA_DIM].get_group(), DATA_DIM, op=dist.ReduceOp.AVG)
         return float(value)
 
