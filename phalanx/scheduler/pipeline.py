@@ -60,7 +60,7 @@ class PipelineRunner:
         cls = SCHEDULE_CLASSES[schedule]
         target = self.stages if schedule == "interleaved" else self.stages[0]
         self.schedule = cls(target, n_microbatches=microbatches, loss_fn=self._loss(loss_fn), scale_grads=False)
-        self.wall = 0.0
+        self.wall, self.runs = 0.0, 0
 
     def _loss(self, loss_fn: Callable) -> Callable:
         return lambda logits, targets: loss_fn(logits, targets) * self.loss_scale
@@ -72,6 +72,7 @@ class PipelineRunner:
         start = time.perf_counter()
         self._step(self.schedule.step, inputs, targets, losses)
         self.wall += time.perf_counter() - start
+        self.runs += 1
         return torch.stack(losses).sum().detach() if self.has_last else torch.zeros((), device=self.device)
 
     @torch.no_grad()
@@ -90,11 +91,11 @@ class PipelineRunner:
         kwargs = {"target": targets, "losses": losses} if self.has_last else {}
         fn(*args, **kwargs)
 
-    def take_timing(self) -> tuple[float, float]:
-        """(busy, wall) seconds of this rank's stages since the last call."""
+    def take_timing(self) -> tuple[float, float, int]:
+        """(busy, wall) seconds of this rank's stages and the schedule runs since the last call."""
         busy = sum(stage.busy for stage in self.stages)
-        out = (busy, self.wall)
+        out = (busy, self.wall, self.runs)
         for stage in self.stages:
             stage.busy = 0.0
-        self.wall = 0.0
+        self.wall, self.runs = 0.0, 0
         return out

@@ -375,14 +375,22 @@ class Trainer:
             hook(self, metrics)
         return metrics
 
-    def _bubble(self) -> dict[str, float]:
-        """Measured idle share of the schedule runs since the last logged step, averaged over the pp ranks."""
-        busy, wall = self.pipeline.take_timing()
-        idle = torch.tensor([1.0 - busy / wall if wall > 0 else 0.0], dtype=torch.float64, device=self.device)
-        comm.all_reduce(idle, self.ctx.mesh["pp"].get_group(), "pp", op=dist.ReduceOp.AVG)
+    def _bubble(self) -> dict[str, Any]:
+        """Per-stage compute (busy) and idle seconds per step since the last logged step, and the measured
+        bubble: the idle share of the schedule runs, averaged over the pp ranks."""
+        busy, wall, runs = self.pipeline.take_timing()
+        steps = max(1.0, runs * self.pipeline.microbatches / self.data.accumulation)
+        mine = torch.tensor([busy / steps, (wall - busy) / steps], dtype=torch.float64, device=self.device)
+        every = comm.all_gather(mine, self.ctx.mesh["pp"].get_group(), "pp")  # (pp, 2), in rank order
+        busy_s, idle_s = every[:, 0].tolist(), every[:, 1].tolist()
         p = self.cfg.parallel
         virtual = p.pp_virtual_stages if p.pp_schedule == "interleaved" else 1
-        return {"pp_bubble": float(idle), "pp_bubble_theory": theoretical_bubble(p.pp, self.pipeline.microbatches, virtual)}
+        return {
+            "pp_bubble": sum(i / (b + i) if b + i > 0 else 0.0 for b, i in zip(busy_s, idle_s)) / len(busy_s),
+            "pp_bubble_theory": theoretical_bubble(p.pp, self.pipeline.microbatches, virtual),
+            "pp_busy_s": busy_s,  # per pp rank (its stages), seconds per step
+            "pp_idle_s": idle_s,
+        }
 
     def _metrics(self, loss: float, grad_norm: float, seconds: float) -> dict[str, Any]:
         tokens_per_s = self.cfg.train.batch_size * self.cfg.data.seq_len / seconds

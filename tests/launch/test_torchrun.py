@@ -83,6 +83,7 @@ def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     if layout.startswith("pp"):
         last = metrics(tmp_path / "t")[-1]
         assert 0.0 < last["pp_bubble"] < 1.0 and 0.0 < last["pp_bubble_theory"] < 1.0
+        assert len(last["pp_busy_s"]) == len(last["pp_idle_s"]) == (4 if layout == "pp4" else 2)
 
 
 # ZeRO is left out: one run in four of this test with ZeRO-3 ended 1e-8 away from the uninterrupted

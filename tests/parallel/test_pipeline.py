@@ -17,7 +17,7 @@ from tests.parallel.harness import assert_same_step, fresh_seed, reference_one_s
 
 MOE = ["model.moe.num_experts=4", "model.moe.ffn_dim=64"]
 
-# layout -> (processes, overrides); the tiny model has 4 blocks here
+# layout -> (processes, overrides); the tiny model has 4 blocks unless a layout says otherwise
 LAYOUTS = {
     "pp2-gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
     "pp2-1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
@@ -29,6 +29,8 @@ LAYOUTS = {
     "pp2xsp2": (4, ["parallel.pp=2", "parallel.dp=1", "parallel.sp=2"]),
     "pp2xep2-moe": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=2", *MOE]),
     "pp2xfsdp2": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_backend=fsdp", "train.micro_batch_size=2"]),
+    "pp4-interleaved": (4, ["parallel.pp=4", "parallel.pp_schedule=interleaved", "model.n_layers=8",
+                            "train.micro_batch_size=1"]),
     "pp2-interleaved-accumulation": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved", "train.micro_batch_size=1",
                                          "parallel.microbatches=4"]),
 }
