@@ -167,7 +167,7 @@ def _speed_worker(rank: int, world: int, port: int, steps: int, out: str) -> Non
                     times[name].append(time.perf_counter() - start)
         if rank == 0:
             torch.save({k: statistics.median(v) for k, v in times.items()}, out)
-        del trainer
+        trainer = None  # its process groups go before destroy_process_group
         dist.barrier()
         dist.destroy_process_group()
 

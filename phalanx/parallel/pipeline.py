@@ -15,7 +15,7 @@ When the schedules run is `phalanx/scheduler/pipeline.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ def num_stages(p: Any) -> int:
     return p.pp * (p.pp_virtual_stages if p.pp_schedule == "interleaved" else 1)
 
 
-def stage_ranks(stage: int, pp: int) -> int:
+def stage_rank(stage: int, pp: int) -> int:
     """The pp rank running `stage` (looped layout)."""
     return stage % pp
 
@@ -172,7 +172,7 @@ class PipelineSplit:
         """Keep this rank's blocks in `model` (the rest deleted, on meta) and build its stage views."""
         pp, rank = cfg.parallel.pp, mesh.get_local_rank("pp")
         plans = plan_stages(model, cfg)
-        mine = [plan for plan in plans if stage_ranks(plan.index, pp) == rank]
+        mine = [plan for plan in plans if stage_rank(plan.index, pp) == rank]
         keep = {name for plan in mine for name in plan.blocks}
         for name in list(model.layers.keys()):
             if name not in keep:
@@ -207,9 +207,3 @@ def pipeline_microbatches(cfg: Any, dp: int) -> int:
 
 for _name in SCHEDULES:
     register("pipeline", _name)(PipelineSplit(_name))
-
-
-def describe(parts: Optional[PipelineParts]) -> str:
-    if parts is None:
-        return ""
-    return ", ".join(f"stage {s.plan.index}: blocks {','.join(s.plan.blocks)}" for s in parts.stages)
