@@ -24,6 +24,19 @@ TINY = [
 ]
 
 
+def assert_refused(overrides: list[str], words: list[str], world: int = 1) -> None:
+    """`validate()` of configs/tiny.yaml with `overrides` at `world` ranks raises a ConfigError naming every word."""
+    import pytest
+
+    from phalanx.config import load_config, validate
+    from phalanx.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(CONFIG, overrides), world_size=world)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
 def run_overrides(run_dir: Path, *extra: str) -> list[str]:
     return [*TINY, f"run.dir={run_dir}", "run.name=t", *extra]
 
