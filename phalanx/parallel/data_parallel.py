@@ -155,7 +155,6 @@ class DDPStrategy(TorchDataParallel):
             ddp.register_comm_hook(mesh[DATA_DIM].get_group(), comm.ddp_counting_hook(DATA_DIM))
         return ddp
 
-
     @staticmethod
     @torch.no_grad()
     def reduce_pipeline_gradients(model: nn.Module, mesh: Any) -> None:

@@ -305,8 +305,9 @@ def moe_combine(x: torch.Tensor, routing: Routing, num_experts: int, dispatch: A
         assignments = routing.keep.flatten().nonzero().squeeze(1)
     else:
         assignments = torch.arange(N * k, device=x.device)
-    assignments = assignments[torch.argsort(chosen[assignments], stable=True)]  # sorted by expert
-    counts = torch.bincount(chosen[assignments], minlength=num_experts)
+    experts_of = chosen[assignments]
+    assignments = assignments[torch.argsort(experts_of, stable=True)]  # sorted by expert
+    counts = torch.bincount(experts_of, minlength=num_experts)
     out = dispatch(x.index_select(0, assignments // k), counts, experts)  # (assignments, d)
     slots = out.new_zeros((N * k, out.shape[-1])).index_copy(0, assignments, out)
     return (slots.view(N, k, -1) * routing.weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)

@@ -10,8 +10,9 @@ runner the wall time of each schedule run, giving the measured bubble, idle / wa
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -29,19 +30,21 @@ class TimedStage(PipelineStage):
 
     busy = 0.0
 
-    def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+    @contextlib.contextmanager
+    def _computing(self) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            return super().forward_one_chunk(*args, **kwargs)
+            yield
         finally:
             self.busy += time.perf_counter() - start
 
+    def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+        with self._computing():
+            return super().forward_one_chunk(*args, **kwargs)
+
     def backward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
+        with self._computing():
             return super().backward_one_chunk(*args, **kwargs)
-        finally:
-            self.busy += time.perf_counter() - start
 
 
 class PipelineRunner:

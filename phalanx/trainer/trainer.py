@@ -3,8 +3,9 @@
 Build order (each step documented because strategies depend on it):
   1. the model on the meta device (no memory);
   2. strategies that reshape the model on meta: sequence, then expert (when the model has MoE
-     layers: sp wiring, and experts sharded over ep), then pipeline as it lands;
-  3. a data-parallel back end that shards parameters (`on_meta`, e.g. FSDP) wraps the meta model;
+     layers: sp wiring, and experts sharded over ep), then pipeline (this rank's blocks and stages);
+  3. a data-parallel back end that shards parameters (`on_meta`, e.g. FSDP) wraps the meta model,
+     or each pipeline stage;
   4. materialise on the device, initialised from `run.seed` (identical on every rank);
   5. a data-parallel back end that wraps real tensors (DDP) does so; then `torch.compile` if asked.
 """
@@ -31,9 +32,9 @@ from phalanx.launch.signals import StopRequest
 from phalanx.models import build_on_meta, flops_per_token, materialize
 from phalanx.parallel import comm, registry
 from phalanx.parallel.expert import moe_layers, moe_metrics
+from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.pipeline import num_stages, pipeline_microbatches
 from phalanx.scheduler.pipeline import PipelineRunner, theoretical_bubble
-from phalanx.parallel.mesh import DATA_DIM
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
 from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker, append_event
@@ -112,12 +113,11 @@ class Trainer:
         self.model: nn.Module = data_parallel.wrap_optimizer(model, self.optimizer, ctx.mesh, cfg)
         dp_rank, dp_size = ctx.coord("dp")
         self.data = DataPosition(build_dataset(cfg), cfg.train.batch_size, cfg.train.micro_batch_size, dp_rank, dp_size)
+        rank_local = self.RANK_LOCAL_STATE + data_parallel.rank_local_state(cfg)
+        if self.pipeline is not None and "optim" not in rank_local:
+            rank_local += ("optim",)  # each stage's optimizer param_groups name only its parameters
         self.checkpointer = PersistentCheckpointer(
-            f"{run_dir}/checkpoints", ctx.rank, ctx.world_size, cfg.checkpoint.keep_last,
-            self.RANK_LOCAL_STATE + data_parallel.rank_local_state(cfg)
-            # Each stage's optimizer param_groups name only its parameters: saved per rank.
-            + (("optim",) if self.pipeline is not None and "optim" not in data_parallel.rank_local_state(cfg) else ()),
-        )
+            f"{run_dir}/checkpoints", ctx.rank, ctx.world_size, cfg.checkpoint.keep_last, rank_local)
         self.step = 0
         self.wandb_run_id: Optional[str] = None
         self.hooks: list[Hook] = []  # called on every rank after each logged step with its metrics
@@ -384,10 +384,9 @@ class Trainer:
         every = comm.all_gather(mine, self.ctx.mesh["pp"].get_group(), "pp")  # (pp, 2), in rank order
         busy_s, idle_s = every[:, 0].tolist(), every[:, 1].tolist()
         p = self.cfg.parallel
-        virtual = p.pp_virtual_stages if p.pp_schedule == "interleaved" else 1
         return {
             "pp_bubble": sum(i / (b + i) if b + i > 0 else 0.0 for b, i in zip(busy_s, idle_s)) / len(busy_s),
-            "pp_bubble_theory": theoretical_bubble(p.pp, self.pipeline.microbatches, virtual),
+            "pp_bubble_theory": theoretical_bubble(p.pp, self.pipeline.microbatches, num_stages(p) // p.pp),
             "pp_busy_s": busy_s,  # per pp rank (its stages), seconds per step
             "pp_idle_s": idle_s,
         }
