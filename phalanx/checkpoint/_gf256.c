@@ -23,6 +23,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__clang__) || __GNUC__ >= 9)
 #define GF_X86 1
@@ -210,6 +213,20 @@ int gf256_set_level(int lvl) {
 }
 
 int gf256_level(void) { return level; }
+
+/* Asks Linux for transparent huge pages under the 2 MiB-aligned part of [p, p + n) before it is first written.
+   Fresh output blocks otherwise cost one page fault per 4 KiB: on the dev VM that made a k=4, m=2 encode into new
+   16 MiB tensors 3.4 GB/s against 13 into reused ones; with the advice, 7.6-8.4. A no-op elsewhere. */
+void gf256_advise_huge(void *p, size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t start = ((uintptr_t)p + huge - 1) & ~(huge - 1), end = ((uintptr_t)p + n) & ~(huge - 1);
+    if (end > start) madvise((void *)start, end - start, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
 
 /* outs[r] (^)= XOR_j coefs[r * k + j] * srcs[j] over n bytes, r < m, j < k; accumulate = 0 overwrites. */
 void gf256_dot(uint8_t *const *outs, int m, const uint8_t *const *srcs, int k, const uint8_t *coefs, size_t n,

@@ -18,7 +18,7 @@ import itertools
 
 import torch
 
-from phalanx.checkpoint.gf256 import gf_dot, gf_inv, gf_mul, gf_mul_xor, xor_into
+from phalanx.checkpoint.gf256 import empty_block, gf_dot, gf_inv, gf_mul, gf_mul_xor, xor_into
 from phalanx.errors import PhalanxError
 
 # gf_mul_xor and xor_into belong to this module's API too: parity holders accumulate with them.
@@ -70,8 +70,8 @@ class ErasureCodec:
         """The m parity blocks of k data blocks, written into `out` (m blocks like the data, not overlapping
         it) when given.
 
-        Reusing `out` across checkpoints saves more than the arithmetic: on the dev VM, first-touch page
-        faults of fresh 16 MiB parity tensors cost 3-4x the native kernel's time.
+        Reusing `out` across checkpoints saves the first-touch page faults of fresh parity tensors, which
+        on the dev VM cost more than the native kernel's arithmetic (benchmarks/erasure.py, "reused out").
         """
         if len(data) != self.k:
             raise PhalanxError(f"encode: got {len(data)} data blocks for a code with k={self.k}")
@@ -82,7 +82,7 @@ class ErasureCodec:
             self._check(list(data) + list(out), "encode")
             if any(o.device != data[0].device for o in out):
                 raise PhalanxError(f"encode: output blocks must be on the data's device {data[0].device}")
-        parity = [torch.empty_like(data[0]) for _ in range(self.m)] if out is None else list(out)
+        parity = [empty_block(data[0]) for _ in range(self.m)] if out is None else list(out)
         gf_dot(parity, data, self.parity)  # one pass over the data for all m parity blocks
         return parity
 
@@ -95,7 +95,7 @@ class ErasureCodec:
         if not 0 <= index < self.k:
             raise PhalanxError(f"parity_contributions: data index {index} is outside 0..{self.k - 1} (k={self.k})")
         self._check([block], "parity_contributions")
-        out = [torch.empty_like(block) for _ in range(self.m)]
+        out = [empty_block(block) for _ in range(self.m)]
         gf_dot(out, [block], [[row[index]] for row in self.parity])
         return out
 
@@ -112,7 +112,7 @@ class ErasureCodec:
         generator = [[int(i == j) for j in range(self.k)] if i < self.k else self.parity[i - self.k] for i in use]
         inverse = _invert(generator)
         missing = [r for r in range(self.k) if r not in blocks]
-        rebuilt = [torch.empty_like(blocks[use[0]]) for _ in missing]
+        rebuilt = [empty_block(blocks[use[0]]) for _ in missing]
         gf_dot(rebuilt, [blocks[i] for i in use], [inverse[r] for r in missing])  # one pass for every lost block
         found = dict(zip(missing, rebuilt))
         return [blocks[r] if r in blocks else found[r] for r in range(self.k)]

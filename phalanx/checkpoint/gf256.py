@@ -95,6 +95,8 @@ def native() -> ctypes.CDLL | None:
         lib.gf256_dot.restype = None
         lib.gf256_dot.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_size_t, ctypes.c_int]
+        lib.gf256_advise_huge.restype = None
+        lib.gf256_advise_huge.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         lib.gf256_init()
         return lib
     except Exception as e:  # any failure to build or load: fall back, never crash a checkpoint
@@ -154,6 +156,16 @@ def _use_native(tensors: list[torch.Tensor]) -> ctypes.CDLL | None:
     if all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         return native()
     return None
+
+
+def empty_block(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised block like `like`, for a bulk op to write. Large CPU blocks get huge pages where Linux
+    offers them (see gf256_advise_huge in _gf256.c): first-touch page faults otherwise cost more than the math."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    lib = _use_native([out]) if out.numel() >= 4 << 20 else None
+    if lib is not None:
+        lib.gf256_advise_huge(out.data_ptr(), out.numel())
+    return out
 
 
 def gf_dot(outs: list[torch.Tensor], srcs: list[torch.Tensor], coefs: list[list[int]],

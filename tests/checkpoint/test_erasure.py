@@ -206,3 +206,11 @@ def test_build_writes_one_whole_library_into_the_cache(tmp_path, monkeypatch):
     assert so.parent == tmp_path / "phalanx" and so.name.startswith("gf256-") and so.suffix == ".so"
     assert [p.name for p in so.parent.iterdir()] == [so.name]  # the temporary file was renamed, none left over
     assert gf256._build(gf256._SOURCE.read_bytes()) == so  # keyed by the source: built once
+
+
+def test_large_blocks_on_huge_pages_encode_the_same(path):
+    n = (4 << 20) + 4097  # over empty_block's huge-page threshold, not 2 MiB aligned
+    data = [_random(n, i) for i in range(2)]
+    parity = ErasureCodec(2, 2).encode(data)
+    assert torch.equal(parity[0], data[0] ^ data[1])
+    assert torch.equal(parity[1], _reference_combine(ErasureCodec(2, 2).parity[1], data))
