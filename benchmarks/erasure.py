@@ -1,6 +1,6 @@
 """Erasure codec throughput: phalanx's Reed–Solomon GF(2^8) codec vs zfec and pyeclib, one CPU thread.
 
-    .venv/bin/python benchmarks/erasure.py [--mib 64] [--repeats 5]
+    .venv/bin/python benchmarks/erasure.py [--mib 64] [--repeats 5] [--kernels]
 
 For each (k, m) in (4, 2), (2, 1), (8, 3) every codec encodes the same `--mib` MiB of data (k blocks) into m
 parity blocks, then decodes the data with the first m data blocks lost (the worst case: every lost byte is
@@ -132,6 +132,25 @@ def measure_codecs(k: int, m: int, nbytes: int, repeats: int = 5) -> dict:
     }
 
 
+def measure_kernels(k: int, m: int, nbytes: int, repeats: int = 5) -> dict[str, float]:
+    """phalanx encode GB/s into reused buffers with each native kernel this CPU runs (one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codec, block = ErasureCodec(k, m), -(-nbytes // k)
+        data = [torch.randint(0, 256, (block,), dtype=torch.uint8) for _ in range(k)]
+        out = codec.encode(data)
+        figures = {}
+        for level in range(gf256.set_kernel_level(99) + 1):
+            gf256.set_kernel_level(level)
+            seconds = _median_seconds(lambda: codec.encode(data, out=out), repeats)
+            figures[gf256.KERNELS[level]] = _gbps(k * block, seconds)
+    finally:
+        gf256.set_kernel_level(99)
+        torch.set_num_threads(threads)
+    return figures
+
+
 def _fmt(x: float | None) -> str:
     return "not installed" if x is None else f"{x:.2f}"
 
@@ -140,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="data MiB per (k, m) config")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", action="store_true", help="also time each native kernel (k=4, m=2)")
     args = parser.parse_args()
     rows = [measure_codecs(k, m, args.mib << 20, args.repeats) for k, m in CONFIGS]
     head = rows[0]
@@ -153,8 +173,12 @@ def main() -> None:
             "encode_gbps", "decode_gbps", "encode_reuse_gbps", "torch_encode_gbps", "torch_decode_gbps",
             "zfec_encode_gbps", "zfec_decode_gbps", "pyeclib_encode_gbps", "pyeclib_decode_gbps")),
             "n/a" if r["speedup_vs_zfec"] is None else f"{r['speedup_vs_zfec']:.1f}x"]))
+    kernels = measure_kernels(4, 2, args.mib << 20, args.repeats) if args.kernels else None
+    if kernels:
+        print("k=4, m=2 encode into reused out, per native kernel: "
+              + ", ".join(f"{name} {gbps:.2f}" for name, gbps in kernels.items()))
     summary = {"bench": "erasure", "anchor": "zfec", **{key: head[key] for key in head if key not in ("k", "m")},
-               "k": head["k"], "m": head["m"], "configs": rows, "mib": args.mib, "repeats": args.repeats,
+               "k": head["k"], "m": head["m"], "configs": rows, "kernels": kernels, "mib": args.mib, "repeats": args.repeats,
                "device": f"cpu ({platform.machine()}, 1 thread)", "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(summary))
