@@ -100,8 +100,8 @@ def native() -> ctypes.CDLL | None:
         lib.gf256_init()
         return lib
     except Exception as e:  # any failure to build or load: fall back, never crash a checkpoint
-        warnings.warn(f"phalanx: the native GF(2^8) kernel is unavailable ({e}); erasure coding runs on torch, about "
-                      f"50x slower. Install a C compiler (cc) and make {_cache_dir()} writable to speed it up.",
+        warnings.warn(f"phalanx: the native GF(2^8) kernel is unavailable ({e}); erasure coding runs on torch, 20-40x "
+                      f"slower. Install a C compiler (cc) and make {_cache_dir()} writable to speed it up.",
                       RuntimeWarning, stacklevel=2)
         return None
 
