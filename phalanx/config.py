@@ -114,12 +114,23 @@ class ParallelConfig:
     pp_split: Optional[list[int]] = None  # blocks per stage (pp, or pp * pp_virtual_stages entries); None: balanced
     microbatches: Any = "auto"  # pipeline micro-batches per schedule run; auto: all of a rank's micro-batches
     comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/parallel/comm.py)
+    order: str = "pp,dp,sp"  # rank order, outermost first (ranks numbered node by node); auto: `phalanx plan`'s placement
 
 
 @dataclass
 class CheckpointConfig:
-    persist_every: int = 50  # steps between persistent checkpoints; 0: only at the end
-    keep_last: int = 3  # older checkpoints beyond this many are removed; 0 keeps all
+    """In-memory snapshots held by a keeper process per node, erasure-coded across nodes, persisted lazily."""
+
+    snapshot_every: int = 1  # steps between in-memory snapshots; 0: only at persist steps
+    persist_every: int = 50  # steps between persistent checkpoints (written by the keepers); 0: only at the end
+    keep_last: int = 3  # persistent checkpoints kept (>= 2, so a verified one survives the next write); 0 keeps all
+    storage: str = ""  # any fsspec URL (s3://..., gs://..., a path); "": {run.dir}/{run.name}/checkpoints
+    erasure_k: int = 2  # data blocks per erasure group, on k distinct nodes
+    erasure_m: int = 1  # parity blocks per group, on m other nodes; any m lost nodes are rebuilt; 0: no coding
+    simulate_nodes: int = 0  # tests and demos: ranks in this many contiguous blocks, one keeper each
+    keeper_host: str = "auto"  # address keepers bind; auto: loopback for a local run, else the route to MASTER_ADDR
+    keeper_dir: str = ""  # keeper memory and discovery files; "": /dev/shm/phalanx-UID (tmpfs)
+    keeper_linger_s: float = 600.0  # a keeper with no trainer for this long frees its memory and exits
 
 
 @dataclass
@@ -377,6 +388,9 @@ def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
 
     for key in ("sp", "ep", "pp"):
         _positive(f"parallel.{key}", getattr(p, key))
+    if p.order != "auto" and sorted(part.strip() for part in str(p.order).split(",")) != ["dp", "pp", "sp"]:
+        raise ConfigError(f"parallel.order={p.order!r} must be auto or a permutation of pp,dp,sp (outermost first), "
+                          f"e.g. pp,dp,sp")
     dp = resolve_dp(cfg, world_size)
     per_step = t.micro_batch_size * dp
     if t.batch_size % per_step:
@@ -388,6 +402,21 @@ def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
 
     _positive("checkpoint.persist_every", cfg.checkpoint.persist_every, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
+    c = cfg.checkpoint
+    if c.keep_last == 1:
+        raise ConfigError("checkpoint.keep_last=1 would delete the only verified checkpoint as soon as the next one "
+                          "is written; set checkpoint.keep_last=2 or more (0 keeps all)")
+    _positive("checkpoint.snapshot_every", c.snapshot_every, allow_zero=True)
+    _positive("checkpoint.erasure_k", c.erasure_k)
+    _positive("checkpoint.erasure_m", c.erasure_m, allow_zero=True)
+    if c.erasure_k + c.erasure_m > 256:
+        raise ConfigError(f"checkpoint.erasure_k({c.erasure_k}) + checkpoint.erasure_m({c.erasure_m}) > 256, the "
+                          f"most GF(2^8) Reed-Solomon can code; use smaller groups")
+    _positive("checkpoint.simulate_nodes", c.simulate_nodes, allow_zero=True)
+    if c.simulate_nodes > world_size:
+        raise ConfigError(f"checkpoint.simulate_nodes({c.simulate_nodes}) > WORLD_SIZE({world_size}): every "
+                          f"simulated node needs a rank; use at most {world_size}")
+    _positive("checkpoint.keeper_linger_s", c.keeper_linger_s)
     _positive("fault.collective_timeout_s", cfg.fault.collective_timeout_s)
     _positive("log.every", cfg.log.every)
     _one_of("log.progress", cfg.log.progress, ("auto", "bar", "lines", "none"))

@@ -38,7 +38,8 @@ def assert_refused(overrides: list[str], words: list[str], world: int = 1) -> No
 
 
 def run_overrides(run_dir: Path, *extra: str) -> list[str]:
-    return [*TINY, f"run.dir={run_dir}", "run.name=t", *extra]
+    # Keepers of runs a test kills and never relaunches go away soon (conftest kills the rest).
+    return [*TINY, f"run.dir={run_dir}", "run.name=t", "checkpoint.keeper_linger_s=60", *extra]
 
 
 def loopback_env(threads: int = 1) -> dict:
@@ -72,6 +73,11 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def events(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step; a replayed step after a resume replaces the earlier record."""
     return {m["step"]: m["loss"] for m in metrics(run_dir)}
@@ -96,8 +102,10 @@ def load_checkpoint(path: Path) -> dict:
     if not out.exists():
         dcp_to_torch_save(str(path), str(out))
     state = torch.load(out, weights_only=False)
-    for rank_file in sorted(Path(path).glob("rank-*.pt")):
-        state[rank_file.stem] = torch.load(rank_file, weights_only=False)
+    from phalanx.checkpoint.persistent import read_rank_local
+
+    for rank_file in sorted(Path(path).glob("rank-*.safetensors")):
+        state[rank_file.stem] = read_rank_local(rank_file.read_bytes())
     return state
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phalanx.checkpoint.persistent import PersistentCheckpointer
+from phalanx.checkpoint.snapshot import SnapshotEngine
 from phalanx.config import PhalanxConfig
 from phalanx.data import DataPosition, build_dataset
 from phalanx.launch.dist import DistContext, broadcast_object
@@ -116,15 +116,17 @@ class Trainer:
         rank_local = self.RANK_LOCAL_STATE + data_parallel.rank_local_state(cfg)
         if self.pipeline is not None and "optim" not in rank_local:
             rank_local += ("optim",)  # each stage's optimizer param_groups name only its parameters
-        self.checkpointer = PersistentCheckpointer(
-            f"{run_dir}/checkpoints", ctx.rank, ctx.world_size, cfg.checkpoint.keep_last, rank_local)
+        self.rank_local_keys = rank_local
         self.step = 0
         self.wandb_run_id: Optional[str] = None
         self.hooks: list[Hook] = []  # called on every rank after each logged step with its metrics
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.train.dtype)
-        self._last_saved: Optional[int] = None
         self.last_lr = 0.0
+        # Snapshots: after every `snapshot_every` steps into this node's keeper; persisted by the keepers.
+        self.snapshots = SnapshotEngine(cfg, ctx, run_dir, self.state_dict, rank_local,
+                                        lambda kind, **fields: append_event(run_dir, kind, **fields))
+        self.snapshots.setup()
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -150,23 +152,22 @@ class Trainer:
             set_rng_state(state["rng"], self.device)
 
     def save(self) -> None:
-        if self._last_saved == self.step:
-            return
+        """Persist the current step now and wait for it (end of run, stop request). Collective."""
         start = time.perf_counter()
-        path = self.checkpointer.save(self.step, self.state_dict())
-        self._last_saved = self.step
+        path = self.snapshots.persist_and_wait(self.step)
         if self.ctx.is_main:
             append_event(self.run_dir, "checkpoint", step=self.step, path=path, seconds=time.perf_counter() - start)
 
     def restore(self) -> Optional[int]:
-        """Load the newest committed checkpoint of this run, if any; returns its step."""
-        step = broadcast_object(self.checkpointer.latest() if self.ctx.is_main else None, self.ctx)
-        if step is None:
+        """Load the newest usable state — keeper memory, peers' memory, then storage; returns its step."""
+        start = time.perf_counter()
+        state, step, info = self.snapshots.restore(self.state_dict)
+        if state is None:
             return None
-        state = self.state_dict()
-        self.checkpointer.load(step, state)
         self.load_state_dict(state)
-        self._last_saved = step
+        if self.ctx.is_main:
+            append_event(self.run_dir, "restore", step=step, restored_from=info["tier"], reason=info["reason"],
+                         seconds=time.perf_counter() - start, **({"ranks": info["tiers"]} if "tiers" in info else {}))
         return step
 
     # ---- the step ------------------------------------------------------------------------
@@ -223,6 +224,7 @@ class Trainer:
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step the optimizer and the LR schedule, clear gradients. Returns the pre-clip grad norm."""
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.snapshots.wait_copied()  # the last snapshot's copies read the state this step changes
         pp_group = self.ctx.mesh["pp"].get_group() if self.pipeline is not None else None
         grad_norm = self.data_parallel.step(self.model, self.optimizer, self.cfg.optim.grad_clip or math.inf,
                                             pp_group)
@@ -305,6 +307,7 @@ class Trainer:
         stop = StopRequest().install()
         metrics: dict[str, Any] = {}
         first_step = self.step + 1  # the first step of every launch is logged
+        finished = False  # a run that ends or stops cleanly lets its keepers go
         try:
             interval_start, interval_steps = time.perf_counter(), 0
             while self.step < cfg.train.steps:
@@ -317,22 +320,28 @@ class Trainer:
                     metrics = self._log_step(loss, grad_norm, interval_start, interval_steps, trackers, last)
                 # A stop request is agreed at logged steps only when distributed: the agreement is a collective.
                 stopping = self._agree_stop(stop.requested) if logged or not self.ctx.distributed else False
-                persist = cfg.checkpoint.persist_every and self.step % cfg.checkpoint.persist_every == 0
-                if persist or stopping:
+                persist = bool(cfg.checkpoint.persist_every) and self.step % cfg.checkpoint.persist_every == 0
+                snapshot = bool(cfg.checkpoint.snapshot_every) and self.step % cfg.checkpoint.snapshot_every == 0
+                if stopping:
                     self.save()
+                elif snapshot or persist:  # launches copies; the keepers persist
+                    self.snapshots.snapshot(self.step, persist=persist)
                 if stopping:
                     self.print(f"stopped by signal at step {self.step}; checkpoint saved; "
                                f"relaunch the same command to resume")
                     if self.ctx.is_main:
                         append_event(self.run_dir, "interrupted", step=self.step, signal=stop.signal)
+                    finished = True
                     return metrics
                 if logged or persist:  # eval, logging and saving are not part of a step's time
                     interval_start, interval_steps = time.perf_counter(), 0
             self.save()
             if self.ctx.is_main:
                 append_event(self.run_dir, "end", step=self.step)
+            finished = True
         finally:
             stop.uninstall()
+            self.snapshots.close(release=finished)
             for tracker in trackers:
                 tracker.close()
         return metrics

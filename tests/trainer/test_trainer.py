@@ -18,7 +18,7 @@ from phalanx.launch.dist import DistContext
 from phalanx.trainer import Trainer
 from phalanx.trainer.optim import lr_factor
 from phalanx.trainer.rundir import prepare_run_dir
-from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, final_checkpoint, load_checkpoint, loopback_env,
+from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, load_checkpoint, loopback_env,
                            losses, metrics, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -65,7 +65,10 @@ def test_crash_and_resume_is_bitwise_identical_in_process(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.fit()
     resumed = make_trainer(tmp_path / "crash", "train.steps=8", "checkpoint.persist_every=3")
-    assert resumed.restore() == 3
+    # The crash came while step 5 was logged, before its snapshot: step 4 is the newest in the keeper.
+    assert resumed.restore() == 4
+    restore = [e for e in events(resumed.run_dir) if e["event"] == "restore"][-1]
+    assert restore["restored_from"] == "keeper" and restore["step"] == 4, restore
     resumed.fit()
     assert resumed.step == 8
     assert_bitwise_equal(load_checkpoint(final_checkpoint(ref.run_dir, 8)),
@@ -154,7 +157,11 @@ def test_retention_keeps_the_newest_and_ignores_torn_checkpoints(tmp_path):
     torn.mkdir()
     (torn / ".metadata").write_bytes(b"garbage")  # no manifest: never loaded
     (root / "step-7.partial").mkdir()
-    assert trainer.checkpointer.latest() == 5
+    store = trainer.snapshots.store
+    assert store.latest() == 5
+    skipped = []
+    assert store.newest_valid(lambda step, problem: skipped.append((step, problem))) == 5
+    assert skipped == [(9, f"step-9 has no readable manifest.json (an interrupted write): incomplete")]
 
 
 def test_resume_false_starts_fresh_beside_the_old_run(tmp_path):

@@ -1,0 +1,120 @@
+"""Finding, starting and reaching this node's keeper; the run's secret and identity.
+
+A run is identified by a hash of its directory, so two runs never share a keeper. The secret is 32
+random bytes kept in `runs/NAME/.keeper-secret` (mode 0600) by rank 0 and handed to every rank over
+the process group, and to a keeper on its stdin. A node's keeper is found through
+`{keeper_dir}/{run_id}/node-N.json`; the local ranks of a node agree on one keeper under a file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from phalanx.checkpoint.keeper import discovery_file
+from phalanx.checkpoint.wire import KeeperClient, WireError
+from phalanx.errors import PhalanxError
+
+
+def run_identity(run_dir: str) -> tuple[str, bytes]:
+    """(run id, secret) of a run directory; the secret file is created once, readable by its owner only."""
+    path = os.path.join(run_dir, ".keeper-secret")
+    if not os.path.exists(path):
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex())
+        os.replace(path + ".tmp", path)
+    with open(path) as f:
+        secret = bytes.fromhex(f.read().strip())
+    run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+    return run_id, secret
+
+
+def default_keeper_dir() -> str:
+    """Shared memory where the machine has it (tmpfs: the keeper's slots are RAM), else the temp folder."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"phalanx-{os.getuid()}")
+
+
+def keeper_host(requested: str) -> str:
+    """The address keepers bind: loopback for a local run, else this node's address on the route to
+    MASTER_ADDR (found without sending a packet), so keeper traffic stays on the cluster's interface."""
+    if requested != "auto":
+        return requested
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        if ipaddress.ip_address(socket.gethostbyname(master)).is_loopback:
+            return "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((master, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _try_connect(path: str, secret: bytes, timeout: float) -> Optional[KeeperClient]:
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not _alive(info.get("pid", -1)):
+        return None
+    try:
+        return KeeperClient(info["host"], info["port"], secret, timeout)
+    except WireError:
+        return None
+
+
+def connect_keeper(run_dir: str, run_id: str, secret: bytes, node: int, host: str, keeper_dir: str,
+                   linger_s: float, timeout: float) -> KeeperClient:
+    """A connection to the node's keeper, starting one (detached) if none answers."""
+    os.makedirs(os.path.join(keeper_dir, run_id), exist_ok=True)
+    path = discovery_file(keeper_dir, run_id, node)
+    client = _try_connect(path, secret, timeout)
+    if client is not None:
+        return client
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's local ranks start one keeper, not several
+        client = _try_connect(path, secret, timeout)
+        if client is not None:
+            return client
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        log = os.path.join(run_dir, "keepers", f"node-{node}.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        starter = subprocess.Popen(
+            [sys.executable, "-m", "phalanx.checkpoint.keeper", "--daemon", "--run-id", run_id, "--node", str(node),
+             "--host", host, "--dir", keeper_dir, "--linger", str(linger_s), "--log", log,
+             "--run-dir", os.path.abspath(run_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+        starter.communicate(secret.hex().encode() + b"\n", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            client = _try_connect(path, secret, timeout)
+            if client is not None:
+                return client
+            time.sleep(0.05)
+    raise PhalanxError(f"the checkpoint keeper for node {node} did not start within {timeout:.0f}s; "
+                       f"see {log}")

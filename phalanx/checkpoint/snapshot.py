@@ -1,0 +1,411 @@
+"""The snapshot engine: every step's whole Trainer state into keeper memory, off the training path.
+
+After optimizer step S the state is immutable until step S+1's optimizer step (DataStates-LLM), so
+`snapshot(S)` only writes the small JSON skeleton and hands the tensor copies to a background
+worker (on CUDA a side stream into page-locked memory); `wait_copied()` before the next optimizer
+step is the only place training can wait. The worker then marks the block complete in the keeper,
+sends this rank's parity contributions to the keepers holding its erasure group's parity, and
+agrees with every rank on a gloo group of its own (never the training collectives) that step S is
+complete everywhere: that is the commit. Persistence of a committed step is the keeper's job.
+
+`restore()` finds the newest state in the order local keeper -> peers (another keeper, or erasure
+decode from the group's survivors) -> persistent storage, and says which and why.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import mmap
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from phalanx.checkpoint.erasure import ErasureCodec
+from phalanx.checkpoint.flat import FlatLayout, flatten_state_dict
+from phalanx.checkpoint.groups import ErasureGroup, erasure_groups
+from phalanx.checkpoint.link import connect_keeper, default_keeper_dir, keeper_host, run_identity
+from phalanx.checkpoint.persistent import CheckpointStore, persist_plan
+from phalanx.checkpoint.wire import KeeperClient, WireError
+from phalanx.errors import PhalanxError
+from phalanx.launch.dist import DistContext
+
+StateFn = Callable[[], dict[str, Any]]
+
+
+def node_ids(ctx: DistContext, simulate: int, group: Optional[Any]) -> list[int]:
+    """Node index of every rank: `simulate` nodes in contiguous rank blocks, else by host name."""
+    world = ctx.world_size
+    if simulate:
+        return [rank * simulate // world for rank in range(world)]
+    if world == 1:
+        return [0]
+    hosts: list[Any] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    order = sorted(set(hosts), key=hosts.index)
+    return [order.index(h) for h in hosts]
+
+
+class SnapshotEngine:
+    """One per rank. Collective methods (setup, restore, close) are called by every rank together."""
+
+    def __init__(self, cfg: Any, ctx: DistContext, run_dir: str, state_fn: StateFn,
+                 rank_local_keys: tuple[str, ...], event: Callable[..., None]):
+        self.cfg, self.ctx, self.run_dir, self.state_fn = cfg.checkpoint, ctx, run_dir, state_fn
+        self.rank_local_keys, self.event = rank_local_keys, event
+        self.timeout = cfg.fault.collective_timeout_s
+        self.group = None
+        if ctx.distributed:  # the checkpoint's own group: commits and plans never queue behind training
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
+        identity = run_identity(run_dir) if ctx.is_main else None
+        self.run_id, self.secret = self._broadcast(identity)
+        self.nodes = node_ids(ctx, self.cfg.simulate_nodes, self.group)
+        self.node = self.nodes[ctx.rank]
+        self.keeper_dir = self.cfg.keeper_dir or default_keeper_dir()
+        self.host = keeper_host(self.cfg.keeper_host)
+        self.store = CheckpointStore(self.cfg.storage or os.path.join(run_dir, "checkpoints"))
+        self.groups, self.erasure_reason = erasure_groups(self.nodes, self.cfg.erasure_k, self.cfg.erasure_m)
+        self.codec = ErasureCodec(self.cfg.erasure_k, self.cfg.erasure_m) if self.groups else None
+        self.my_group, self.my_index = next(((g, g.members.index(ctx.rank)) for g in self.groups
+                                             if ctx.rank in g.members), (None, -1))
+        self.layout: Optional[FlatLayout] = None
+        self.keeper: Optional[KeeperClient] = None
+        self.blocks: list[torch.Tensor] = []
+        self._maps: list[mmap.mmap] = []
+        self.lock = threading.Lock()  # one request at a time on the keeper connection
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phalanx-snapshot")
+        self.job: Optional[concurrent.futures.Future] = None
+        self.copied = threading.Event()
+        self.copied.set()
+        self.committed: Optional[int] = None
+        self.fingerprint = ""
+        self.block_lengths: list[int] = []
+        self.addresses: dict[int, tuple[str, int]] = {}  # node -> keeper address
+        self.peers: dict[int, KeeperClient] = {}
+        self.last_error: Optional[str] = None
+        self.persist_requested: set[int] = set()
+        self.stall_s = 0.0  # main-thread seconds spent in snapshot() and wait_copied()
+
+    # ---- collectives on the checkpoint group -----------------------------------------------
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if self.group is None:
+            return [obj]
+        out: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Measure the state layout, attach to the keeper, agree on the persistence plan (collective)."""
+        state = self.state_fn()
+        self.layout = FlatLayout.of(state)
+        plan = persist_plan(state, self.layout, self.rank_local_keys, self.ctx.rank, self._all_gather)
+        layouts = self._all_gather([self.layout.nbytes, json.dumps(self.layout.to_json(), sort_keys=True)])
+        self.block_lengths = [n for n, _ in layouts]
+        digest = hashlib.sha256(json.dumps([self.ctx.world_size, self.cfg.erasure_k, self.cfg.erasure_m,
+                                            [g.members for g in self.groups], layouts]).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+        plan["fingerprint"] = self.fingerprint
+        self._attach(plan)
+        self.addresses = {n: tuple(a) for n, a in dict(self._all_gather((self.node, self._address()))).items()}
+
+    def _address(self) -> tuple[str, int]:
+        host, port = self.keeper.address.rsplit(":", 1)
+        return host, int(port)
+
+    def _attach(self, plan: dict[str, Any]) -> None:
+        self.keeper = connect_keeper(self.run_dir, self.run_id, self.secret, self.node, self.host, self.keeper_dir,
+                                     self.cfg.keeper_linger_s, self.timeout)
+        reply, _ = self.keeper.call("register", rank=self.ctx.rank, nbytes=self.layout.nbytes, plan=plan)
+        for old in self._maps:
+            old.close()
+        self._maps, self.blocks = [], []
+        for path in reply["paths"]:
+            with open(path, "r+b") as f:
+                self._maps.append(mmap.mmap(f.fileno(), self.layout.nbytes))
+            self.blocks.append(torch.frombuffer(self._maps[-1], dtype=torch.uint8))
+        self._plan = plan
+        if self.ctx.device.type == "cuda":  # page-locked, so device-to-host copies run at full speed
+            for block in self.blocks:
+                torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0)
+
+    def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+        with self.lock:
+            return self.keeper.call(op, **fields)[0]
+
+    # ---- snapshots -----------------------------------------------------------------------
+
+    def snapshot(self, step: int, persist: bool = False) -> None:
+        """Start the snapshot of the state after step `step`; returns once copies are launched."""
+        start = time.perf_counter()
+        self.finish()
+        state = self.state_fn()
+        if not self.layout.matches(state):
+            raise PhalanxError("the trainer state changed shape between steps; snapshots need a fixed layout "
+                               "(a strategy that adds state lazily must create it before the first step)")
+        try:
+            slot = self._call("begin", rank=self.ctx.rank, step=step)["slot"]
+        except WireError as err:  # the keeper died: start another one; this step's snapshot is lost
+            self._lost(step, err)
+            return
+        block = self.blocks[slot]
+        self.layout.write_skeleton(block, state)
+        sources, views = self.layout.tensors(state), self.layout.views(block)
+        self.copied.clear()
+        copy_done = None
+        if self.ctx.device.type == "cuda":
+            stream = torch.cuda.Stream(self.ctx.device)
+            stream.wait_stream(torch.cuda.current_stream(self.ctx.device))
+            with torch.cuda.stream(stream):
+                for view, source in zip(views, sources):
+                    view.copy_(source.detach(), non_blocking=True)
+                copy_done = torch.cuda.Event()
+                copy_done.record(stream)
+        self.job = self.worker.submit(self._complete, step, slot, sources, views, copy_done, persist)
+        self.stall_s += time.perf_counter() - start
+
+    def wait_copied(self) -> None:
+        """Before the optimizer changes the state: the copy of the last snapshot must be done."""
+        if not self.copied.is_set():
+            start = time.perf_counter()
+            if not self.copied.wait(self.timeout):
+                raise PhalanxError(f"a snapshot copy did not finish within fault.collective_timeout_s="
+                                   f"{self.timeout:.0f}s")
+            self.stall_s += time.perf_counter() - start
+
+    def finish(self) -> Optional[int]:
+        """Wait for the running snapshot job (commit included); returns the newest committed step."""
+        if self.job is not None:
+            job, self.job = self.job, None
+            job.result(timeout=self.timeout)
+        return self.committed
+
+    def _complete(self, step: int, slot: int, sources: list[torch.Tensor], views: list[torch.Tensor],
+                  copy_done: Optional[Any], persist: bool) -> None:
+        ok = True
+        try:
+            if copy_done is not None:
+                copy_done.synchronize()
+            else:
+                for view, source in zip(views, sources):
+                    view.copy_(source.detach())
+        finally:
+            self.copied.set()
+        try:
+            self._call("complete", rank=self.ctx.rank, slot=slot, step=step)
+            if self.my_group is not None:
+                self._send_parity(step, self.blocks[slot])
+        except (WireError, PhalanxError) as err:
+            ok, self.last_error = False, str(err)
+        done = torch.tensor([step if ok else -1], dtype=torch.int64)
+        if self.group is not None:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+        if int(done) != step:
+            self.event("snapshot_failed", step=step, rank=self.ctx.rank, error=self.last_error)
+            return
+        self.committed = step
+        if persist:
+            self._request_persist(step)
+
+    def _send_parity(self, step: int, block: torch.Tensor) -> None:
+        group = self.my_group
+        length = max(self.block_lengths[r] for r in group.members)
+        for j, contribution in enumerate(self.codec.parity_contributions(self.my_index, block)):
+            node = group.parity_nodes[j]
+            self._peer(node).call("parity_add", payload=memoryview(contribution.numpy()), gid=group.gid, j=j,
+                                  step=step, index=self.my_index, members=list(group.members), length=length,
+                                  k=self.codec.k, fp=self.fingerprint)
+
+    def _peer(self, node: int) -> KeeperClient:
+        if node == self.node:
+            return self.keeper
+        if node not in self.peers:
+            host, port = self.addresses[node]
+            self.peers[node] = KeeperClient(host, port, self.secret, self.timeout)
+        return self.peers[node]
+
+    def _lost(self, step: int, err: Exception) -> None:
+        self.event("keeper_lost", step=step, rank=self.ctx.rank, node=self.node, error=str(err))
+        self._attach(self._plan)
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def _request_persist(self, step: int) -> None:
+        if step in self.persist_requested:
+            return
+        self.persist_requested.add(step)
+        self._call("persist", rank=self.ctx.rank, step=step, storage=self.store.url,
+                   world_size=self.ctx.world_size, coordinator=self.ctx.rank == 0, timeout_s=self.timeout,
+                   keep_last=self.cfg.keep_last, info={"world_size": self.ctx.world_size})
+
+    def persist_and_wait(self, step: int) -> Optional[str]:
+        """Snapshot `step` if needed, persist it, wait until this rank's part (rank 0: the manifest) is
+        written; returns the checkpoint path on rank 0. Collective."""
+        if self.finish() != step:
+            self.snapshot(step, persist=True)
+            self.finish()
+        else:
+            self._request_persist(step)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            status = self._call("persist_status", rank=self.ctx.rank, step=step)
+            if status.get("done"):
+                if "error" in status:
+                    raise PhalanxError(f"persisting step {step} failed in the keeper: {status['error']}")
+                return status.get("path")
+            time.sleep(0.02)
+        raise PhalanxError(f"persisting step {step} did not finish within {self.timeout:.0f}s")
+
+    # ---- restore -------------------------------------------------------------------------
+
+    def restore(self, template_fn: StateFn) -> tuple[Optional[dict[str, Any]], Optional[int], dict[str, Any]]:
+        """(state, step, info): the newest usable state, from memory if any, else storage. Collective."""
+        inventory = self._inventory()
+        everyone = self._all_gather(inventory)
+        step, sources = self._newest_in_memory(everyone)
+        stored = self._broadcast(self.store.newest_valid(self._skipped) if self.ctx.is_main else None)
+        if step is not None and (stored is None or step >= stored):
+            tier, block = self._fetch(step, sources, everyone)
+            state = self.layout.unpack(block, template_fn())
+            tiers = self._all_gather(tier)
+            return state, step, {"tier": _summary(tiers), "tiers": tiers,
+                                 "reason": f"step {step} is complete in keeper memory for all "
+                                           f"{self.ctx.world_size} ranks" +
+                                           (f"; storage's newest is step {stored}" if stored is not None else "")}
+        if stored is None:
+            return None, None, {}
+        state = self.store.load(stored, template_fn(), self.ctx.rank, self.ctx.world_size, self.rank_local_keys)
+        reason = (f"no step newer than {stored} is complete in the keepers of all ranks"
+                  if step is None else f"storage step {stored} is newer than memory step {step}")
+        return state, stored, {"tier": "storage", "reason": reason}
+
+    def _skipped(self, step: int, problem: str) -> None:
+        import warnings
+
+        warnings.warn(f"checkpoint step-{step} skipped: {problem}", stacklevel=2)
+        self.event("checkpoint_skipped", step=step, problem=problem)
+
+    def _inventory(self) -> dict[str, Any]:
+        inventory = self._call("inventory")
+        data = {int(r): {step: slot for step, slot in held["steps"]} for r, held in inventory["data"].items()
+                if held["fp"] == self.fingerprint}
+        parity = [entry for entry in inventory["parity"] if entry["fp"] == self.fingerprint]
+        return {"node": self.node, "data": data, "parity": parity}
+
+    def _newest_in_memory(self, everyone: list[dict[str, Any]]) -> tuple[Optional[int], dict]:
+        """The newest step every rank can get, and for each rank where: ("data", node) or ("decode", None)."""
+        holders: dict[tuple[int, int], int] = {}  # (rank, step) -> node holding the block
+        for inv in everyone:
+            for rank, steps in inv["data"].items():
+                for step in steps:
+                    holders.setdefault((rank, step), inv["node"])
+        parity: dict[tuple[int, int], list[tuple[int, dict]]] = {}  # (rank, step) -> [(node, entry)]
+        for inv in everyone:
+            for entry in inv["parity"]:
+                for rank in entry["members"]:
+                    parity.setdefault((rank, entry["step"]), []).append((inv["node"], entry))
+        steps = sorted({s for (_, s) in holders} | {s for (_, s) in parity}, reverse=True)
+        for step in steps:
+            sources = {}
+            for rank in range(self.ctx.world_size):
+                if (rank, step) in holders:
+                    sources[rank] = ("data", holders[(rank, step)])
+                elif self._decodable(rank, step, holders, parity):
+                    sources[rank] = ("decode", None)
+                else:
+                    break
+            else:
+                return step, sources
+        return None, {}
+
+    def _decodable(self, rank: int, step: int, holders: dict, parity: dict) -> bool:
+        entries = parity.get((rank, step), [])
+        if not entries or self.codec is None:
+            return False
+        members = entries[0][1]["members"]
+        have = sum((r, step) in holders for r in members) + (self.codec.k - len(members))
+        have += len({e["j"] for _, e in entries})
+        return have >= self.codec.k
+
+    def _fetch(self, step: int, sources: dict, everyone: list[dict]) -> tuple[str, torch.Tensor]:
+        rank = self.ctx.rank
+        kind, node = sources[rank]
+        if kind == "data" and node == self.node:
+            mine = next(inv for inv in everyone if inv["node"] == self.node)
+            return "keeper", self.blocks[mine["data"][rank][step]].clone()
+        if kind == "data":
+            return "peers", self._fetch_block(node, rank, step)
+        return "peers (erasure decode)", self._decode(step, everyone, sources)
+
+    def _fetch_block(self, node: int, rank: int, step: int) -> torch.Tensor:
+        header, payload = self._peer(node).call("fetch", rank=rank, step=step)
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+    def _decode(self, step: int, everyone: list[dict], sources: dict) -> torch.Tensor:
+        rank, k = self.ctx.rank, self.codec.k
+        entries = [(inv["node"], e) for inv in everyone for e in inv["parity"]
+                   if e["step"] == step and rank in e["members"]]
+        members, length = entries[0][1]["members"], entries[0][1]["length"]
+        blocks: dict[int, torch.Tensor] = {}
+        for index in range(len(members), k):  # the virtual zero members of a short group
+            blocks[index] = torch.zeros(length, dtype=torch.uint8)
+        for index, member in enumerate(members):
+            kind, node = sources.get(member, (None, None))
+            if member != rank and kind == "data":
+                block = self._fetch_block(node, member, step)
+                blocks[index] = _padded(block, length)
+        for node, entry in entries:
+            if len(blocks) >= k:
+                break
+            _, payload = self._peer(node).call("fetch_parity", gid=entry["gid"], j=entry["j"], step=step)
+            blocks[k + entry["j"]] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        data = self.codec.decode(dict(sorted(blocks.items())[:k]) if len(blocks) > k else blocks)
+        return data[members.index(rank)][: self.layout.nbytes].clone()
+
+    # ---- end -----------------------------------------------------------------------------
+
+    def close(self, release: bool) -> None:
+        """Stop the worker; `release` (the run is over) lets the node's keeper exit."""
+        try:
+            self.finish()
+        finally:
+            self.worker.shutdown(wait=True)
+            for client in self.peers.values():
+                client.close()
+            if self.keeper is not None:
+                if release:
+                    try:
+                        self._call("shutdown")
+                    except WireError:
+                        pass
+                self.keeper.close()
+
+
+def _padded(block: torch.Tensor, length: int) -> torch.Tensor:
+    if block.numel() >= length:
+        return block[:length]
+    out = torch.zeros(length, dtype=torch.uint8)
+    out[: block.numel()] = block
+    return out
+
+
+def _summary(tiers: list[str]) -> str:
+    if all(t == "keeper" for t in tiers):
+        return "keeper"
+    return "peers"
