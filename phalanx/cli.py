@@ -1,4 +1,4 @@
-"""`phalanx` command line: train, data prepare, report.
+"""`phalanx` command line: train, data prepare, report, ckpt.
 
 Errors a user can cause print one line and exit with code 2; `--debug` shows the traceback.
 """
@@ -34,6 +34,20 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="plots and a summary of a run directory")
     report.add_argument("run_dir", help="e.g. runs/tiny")
+
+    ckpt = sub.add_parser("ckpt", help="list, verify and export a run's checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    ckpt_ls = ckpt_sub.add_parser("ls", help="persisted steps (verified by checksum) and steps in keeper memory")
+    ckpt_ls.add_argument("run_dir", help="e.g. runs/tiny")
+    ckpt_verify = ckpt_sub.add_parser("verify", help="check every file against its manifest; exit 1 if any fails")
+    ckpt_verify.add_argument("run_dir", help="e.g. runs/tiny")
+    ckpt_verify.add_argument("--step", type=int, help="one step (default: every persisted step)")
+    ckpt_export = ckpt_sub.add_parser("export", help="consolidated model weights in one file, for inference tools")
+    ckpt_export.add_argument("run_dir", help="e.g. runs/tiny")
+    ckpt_export.add_argument("--step", type=int, help="step to export (default: the newest that verifies)")
+    ckpt_export.add_argument("--format", default="safetensors", help="output format: safetensors (the only one)")
+    ckpt_export.add_argument("--out", help="output file (default: RUN/export/step-N.safetensors)")
+    ckpt_export.add_argument("--force", action="store_true", help="replace an existing output file")
     return parser
 
 
@@ -95,10 +109,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt(args: argparse.Namespace) -> int:
+    from phalanx.checkpoint import tools
+
+    if args.ckpt_command == "ls":
+        print(tools.list_checkpoints(args.run_dir))
+        return 0
+    if args.ckpt_command == "verify":
+        lines, ok = tools.verify_checkpoints(args.run_dir, args.step)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    out, count, nbytes = tools.export_checkpoint(args.run_dir, args.step, args.format, args.out, args.force)
+    print(f"wrote {count} tensors ({tools.human_bytes(nbytes)}) to {out}")
+    return 0
+
+
 @record
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "data": _data, "report": _report}[args.command]
+    handler = {"train": _train, "data": _data, "report": _report, "ckpt": _ckpt}[args.command]
     try:
         return handler(args)
     except PhalanxError as err:
