@@ -70,7 +70,12 @@ def init_distributed(cfg) -> DistContext:
         from phalanx.parallel import ParallelDims
 
         p = cfg.parallel
-        dims = ParallelDims(dp=p.dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=world)
+        from phalanx.scheduler.placement import mesh_order
+
+        # torchrun's LOCAL_WORLD_SIZE is the ranks per node; without it the run is taken as one node.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        dims = ParallelDims(dp=p.dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=world,
+                            order=mesh_order(cfg, world, per_node))
         ctx.mesh = dims.build_mesh(device.type)
     return ctx
 

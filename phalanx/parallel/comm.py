@@ -85,6 +85,37 @@ def ddp_counting_hook(dim: str):
     return hook
 
 
+def count_sends(ops: list, dim: str) -> list:
+    """Count the sends among point-to-point ops (pipeline activations and gradients) under ("send", dim).
+    Bytes only: the ops run batched and asynchronously, so their time is the schedule's, not theirs."""
+    if STATS.enabled:
+        for op in ops:
+            if op.op in (dist.isend, dist.send):
+                STATS.add("send", dim, _nbytes(op.tensor), 0.0)
+    return ops
+
+
+def fsdp_counting_comms(dim: str) -> tuple:
+    """(all-gather, reduce-scatter) comms for FSDP2's `set_custom_all_gather` / `set_custom_reduce_scatter`:
+    torch's default calls, counted under `dim`. Bytes are each call's input buffer, as everywhere here: the
+    parameter shard an all-gather sends, the whole (padded) gradient a reduce-scatter reduces."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+    class CountingAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            if STATS.enabled:
+                STATS.add("all_gather", dim, _nbytes(input_tensor), 0.0)
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    class CountingReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            if STATS.enabled:
+                STATS.add("reduce_scatter", dim, _nbytes(input_tensor), 0.0)
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    return CountingAllGather(), CountingReduceScatter()
+
+
 def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, dim: str) -> torch.Tensor:
     """Every rank's `tensor` of `group`, stacked along a new first dimension, counted."""
     start = time.perf_counter() if STATS.enabled else 0.0

@@ -202,4 +202,9 @@ class FSDPStrategy(TorchDataParallel):
             fully_shard(block, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1,
                         ignored_params=elsewhere)
         fully_shard(model, mesh=shard_mesh, mp_policy=policy, ignored_params=elsewhere)
+        if cfg.parallel.comm_stats:  # FSDP's own collectives, counted like every other one
+            for module in [*blocks, model]:
+                gather, scatter = comm.fsdp_counting_comms(DATA_DIM)
+                module.set_custom_all_gather(gather)
+                module.set_custom_reduce_scatter(scatter)
         return model

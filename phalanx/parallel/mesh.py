@@ -1,8 +1,10 @@
 """Parallel degrees and the device mesh they build.
 
-Rank order (outermost to innermost): pp, dp, sp. Inner dimensions vary fastest, so with
-ranks numbered node by node the sequence-parallel group (the heaviest all-to-all traffic)
-stays inside a node, then data parallel, then pipeline stages span nodes.
+Mesh dimensions are always (pp, dp, sp). Which of them varies fastest over the global ranks is
+`order` (outermost first), by default pp, dp, sp: with ranks numbered node by node the
+sequence-parallel group (the heaviest all-to-all traffic) stays inside a node, then data
+parallel, then pipeline stages span nodes. `parallel.order: auto` lets the planner choose
+(`phalanx/scheduler/placement.py`), e.g. dp innermost when FSDP's all-gathers outweigh sp.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ParallelDims:
     ep: int
     pp: int
     world_size: int
+    order: tuple[str, ...] = MESH_ORDER  # rank order, outermost first: a permutation of MESH_ORDER
 
     def __post_init__(self) -> None:
         for name in ("dp", "sp", "ep", "pp"):
@@ -41,6 +44,8 @@ class ParallelDims:
                 f"dp({self.dp}) * sp({self.sp}) * pp({self.pp}) = {product} != WORLD_SIZE({self.world_size}); "
                 f"launch {product} processes or change parallel degrees (parallel.dp=auto fills the rest)"
             )
+        if sorted(self.order) != sorted(MESH_ORDER):
+            raise ConfigError(f"parallel.order={','.join(self.order)} must be a permutation of {','.join(MESH_ORDER)}")
         if (self.dp * self.sp) % self.ep:
             raise ConfigError(
                 f"parallel.ep({self.ep}) must divide dp({self.dp}) * sp({self.sp}) = {self.dp * self.sp}"
@@ -51,18 +56,33 @@ class ParallelDims:
         return tuple(getattr(self, name) for name in MESH_ORDER)
 
     def coords(self, rank: int) -> dict[str, int]:
-        """This rank's coordinate along each mesh dimension (row-major over MESH_ORDER)."""
+        """This rank's coordinate along each mesh dimension (row-major over `order`)."""
         out = {}
-        for name, size in reversed(list(zip(MESH_ORDER, self.shape))):
+        for name in reversed(self.order):
+            size = getattr(self, name)
             out[name] = rank % size
             rank //= size
         return {name: out[name] for name in MESH_ORDER}
 
+    def rank_layout(self) -> list:
+        """Nested lists of global ranks indexed [pp][dp][sp]: the mesh's rank tensor for `order`."""
+        sizes = {name: getattr(self, name) for name in MESH_ORDER}
+        grid = [[[0] * sizes["sp"] for _ in range(sizes["dp"])] for _ in range(sizes["pp"])]
+        for rank in range(self.world_size):
+            c = self.coords(rank)
+            grid[c["pp"]][c["dp"]][c["sp"]] = rank
+        return grid
+
     def build_mesh(self, device_type: str) -> "ParallelMesh":
         """The named meshes over the default process group (which must exist)."""
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_ORDER)
+        if self.order == MESH_ORDER:
+            mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_ORDER)
+        else:  # the same named dimensions over a permuted rank numbering
+            import torch
+
+            mesh = DeviceMesh(device_type, torch.tensor(self.rank_layout()), mesh_dim_names=MESH_ORDER)
         # Gradients and the loss are averaged over every rank that sees different tokens: dp x sp.
         # Flattening creates a process group, so every rank does it here, once, in the same order.
         return ParallelMesh(mesh, mesh["dp", "sp"]._flatten(DATA_DIM))

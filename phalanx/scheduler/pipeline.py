@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from phalanx.parallel import comm
+
 SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
 
@@ -45,6 +47,13 @@ class TimedStage(PipelineStage):
     def backward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
         with self._computing():
             return super().backward_one_chunk(*args, **kwargs)
+
+    # Activations and their gradients between stages: counted as sends over pp (parallel.comm_stats).
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list:
+        return comm.count_sends(super().get_fwd_send_ops(fwd_chunk_id), "pp")
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list:
+        return comm.count_sends(super().get_bwd_send_ops(bwd_chunk_id), "pp")
 
 
 class PipelineRunner:
