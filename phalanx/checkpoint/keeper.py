@@ -52,6 +52,7 @@ class ParitySlot:
     buffer: bytearray
     members: list[int]
     fingerprint: str = ""
+    epoch: str = ""  # the launch that computed it; a relaunch recomputes a step from scratch
     got: set = field(default_factory=set)
 
     @property
@@ -111,6 +112,9 @@ class Keeper:
         """A slot for the snapshot of `step`: never the newest complete one, never a pinned one."""
         with self.lock:
             slots = self.ranks[rank].slots
+            for slot in slots:  # a snapshot of `step` means the run is at `step`: later ones are stale
+                if slot.step is not None and slot.step >= step:
+                    slot.status, slot.step = "empty", None
             newest = self._newest(slots)
             free = [i for i, s in enumerate(slots) if i != newest and not s.pinned]
             free.sort(key=lambda i: (slots[i].status == "complete", slots[i].step or -1))
@@ -139,27 +143,19 @@ class Keeper:
         raise KeyError(f"rank {rank} step {step} is not held by the keeper of node {self.node}")
 
     def parity_add(self, gid: int, j: int, step: int, index: int, members: list[int], length: int,
-                   fingerprint: str, payload: memoryview) -> dict[str, Any]:
+                   fingerprint: str, epoch: str, payload: memoryview) -> dict[str, Any]:
         import torch
 
         with self.lock:
             slots = self.parity.setdefault((gid, j), [])
-            target = next((s for s in slots if s.step == step), None)
+            target = next((s for s in slots if s.step == step and s.epoch == epoch), None)
             if target is None:
-                complete = [s for s in slots if s.complete]
-                keep = max(complete, key=lambda s: s.step) if complete else None
-                reuse = [s for s in slots if s is not keep]
-                if len(slots) < 2 or not reuse:
-                    target = ParitySlot(step, bytearray(length), list(members), fingerprint)
-                    slots.append(target)
-                else:
-                    target = reuse[0]
-                    if len(target.buffer) != length:
-                        target.buffer = bytearray(length)
-                    else:
-                        target.buffer[:] = bytes(length)
-                    target.step, target.members, target.got = step, list(members), set()
-                    target.fingerprint = fingerprint
+                # Steps at or after this one belong to a timeline that was rolled back (a restore from
+                # an older step): stale. Of the rest, only the newest complete parity is kept.
+                complete = [s for s in slots if s.step < step and s.complete]
+                slots[:] = [max(complete, key=lambda s: s.step)] if complete else []
+                target = ParitySlot(step, bytearray(length), list(members), fingerprint, epoch)
+                slots.append(target)
             if index in target.got:
                 return {"error": f"parity {j} of group {gid} step {step} already holds member {index}"}
             target.got.add(index)
@@ -185,38 +181,48 @@ class Keeper:
         with self.lock:
             if (rank, step) in self.persist_results:
                 return {}  # already written or on its way
-            self._find(rank, step).pinned += 1
+            slot = self._find(rank, step)
+            slot.pinned += 1  # no snapshot reuses it until written
             self.persisting += 1
             self.persist_results[(rank, step)] = {"done": False}
-        self.persist_queue.put(request)
+        self.persist_queue.put((request, slot, self.ranks[rank].nbytes, self.ranks[rank].plan))
         return {}
 
     def _persist_worker(self) -> None:
+        """Writes ranks' files one at a time; the coordinator's wait for every rank's files (some of
+        which this same keeper may still have to write) runs in a thread of its own."""
         from phalanx.checkpoint.persistent import CheckpointStore
 
         while True:
-            request = self.persist_queue.get()
+            request, slot, nbytes, plan = self.persist_queue.get()
             rank, step = request["rank"], request["step"]
             outcome: dict[str, Any] = {"done": True}
+            store = CheckpointStore(request["storage"])
             try:
-                with self.lock:
-                    slot, plan = self._find(rank, step), self.ranks[rank].plan
-                store = CheckpointStore(request["storage"])
-                store.write_rank(step, rank, memoryview(slot.buffer)[: self.ranks[rank].nbytes], plan)
-                if request.get("coordinator"):
-                    outcome["path"] = store.finalize(step, request["world_size"], request["timeout_s"],
-                                                     request["keep_last"], request.get("info", {}))
+                store.write_rank(step, rank, memoryview(slot.buffer)[:nbytes], plan)
             except Exception as err:  # reported to the trainer, which names it in events.jsonl
                 outcome["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
-            finally:
-                with self.lock:
-                    try:
-                        self._find(rank, step).pinned -= 1
-                    except KeyError:
-                        pass
-                    self.persisting -= 1
-                    self.persist_results[(rank, step)] = outcome
+            with self.lock:
+                slot.pinned -= 1
+            if request.get("coordinator") and "error" not in outcome:
+                threading.Thread(target=self._finalize, args=(store, request, outcome), daemon=True).start()
+            else:
+                self._persisted(rank, step, outcome)
+
+    def _finalize(self, store: Any, request: dict[str, Any], outcome: dict[str, Any]) -> None:
+        try:
+            outcome["path"] = store.finalize(request["step"], request["world_size"], request["timeout_s"],
+                                             request["keep_last"], request.get("info", {}))
+        except Exception as err:
+            outcome["error"] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+        self._persisted(request["rank"], request["step"], outcome)
+
+    def _persisted(self, rank: int, step: int, outcome: dict[str, Any]) -> None:
+        with self.lock:
+            self.persisting -= 1
+            self.persist_results[(rank, step)] = outcome
 
     # ---- serving --------------------------------------------------------------------------
 
@@ -263,7 +269,8 @@ class Keeper:
                 return {"nbytes": nbytes}, memoryview(slot.buffer)[:nbytes]
             if op == "parity_add":
                 return self.parity_add(header["gid"], header["j"], header["step"], header["index"],
-                                       header["members"], header["length"], header.get("fp", ""), payload), None
+                                       header["members"], header["length"], header["fp"], header["epoch"],
+                                       payload), None
             if op == "fetch_parity":
                 with self.lock:
                     slots = self.parity.get((header["gid"], header["j"]), [])

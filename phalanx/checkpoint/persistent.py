@@ -91,7 +91,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith(self.ALLOWED_MODULES) or (module, name) in {("collections", "OrderedDict"),
-                                                                          ("builtins", "set"), ("torch", "Size")}:
+                                                                          ("builtins", "set"), ("torch", "Size"),
+                                                                          ("torch.serialization", "_get_layout")}:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                           torch.memory_format)):

@@ -64,8 +64,8 @@ class SnapshotEngine:
         self.group = None
         if ctx.distributed:  # the checkpoint's own group: commits and plans never queue behind training
             self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
-        identity = run_identity(run_dir) if ctx.is_main else None
-        self.run_id, self.secret = self._broadcast(identity)
+        identity = (*run_identity(run_dir), os.urandom(8).hex()) if ctx.is_main else None
+        self.run_id, self.secret, self.epoch = self._broadcast(identity)  # epoch: this launch
         self.nodes = node_ids(ctx, self.cfg.simulate_nodes, self.group)
         self.node = self.nodes[ctx.rank]
         self.keeper_dir = self.cfg.keeper_dir or default_keeper_dir()
@@ -230,7 +230,7 @@ class SnapshotEngine:
             node = group.parity_nodes[j]
             self._peer(node).call("parity_add", payload=memoryview(contribution.numpy()), gid=group.gid, j=j,
                                   step=step, index=self.my_index, members=list(group.members), length=length,
-                                  k=self.codec.k, fp=self.fingerprint)
+                                  k=self.codec.k, fp=self.fingerprint, epoch=self.epoch)
 
     def _peer(self, node: int) -> KeeperClient:
         if node == self.node:

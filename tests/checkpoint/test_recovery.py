@@ -1,0 +1,142 @@
+"""Recovery under torchrun (gloo, loopback): a killed trainer restores from its keeper, a lost node is
+rebuilt from its erasure group's survivors, and both continue bit for bit like a run never killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from phalanx.checkpoint.keeper import discovery_file
+from phalanx.checkpoint.link import default_keeper_dir, run_identity
+from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint,
+                           loopback_env, losses, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 14
+BASE = [f"train.steps={STEPS}", "checkpoint.persist_every=5", "train.batch_size=8", "train.micro_batch_size=2"]
+
+
+def keeper_pid(run_dir: Path, node: int) -> int:
+    run_id, _ = run_identity(str(run_dir))
+    with open(discovery_file(default_keeper_dir(), run_id, node)) as f:
+        return json.load(f)["pid"]
+
+
+def sigkill(pid: int) -> None:
+    proc = psutil.Process(pid)
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the trainer processes under a torchrun launcher (from their environment)."""
+    out = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if "RANK" in env and "phalanx" in " ".join(child.cmdline()):
+            out[int(env["RANK"])] = child.pid
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per (processes, overrides)."""
+    cache = {}
+
+    def run(nproc: int, *extra: str) -> Path:
+        key = (nproc, extra)
+        if key not in cache:
+            root = tmp_path_factory.mktemp("ref")
+            result = run_phalanx(["train", CONFIG, *run_overrides(root, *BASE, *extra)], nproc=nproc)
+            assert result.returncode == 0, result.stderr
+            cache[key] = root / "t"
+        return cache[key]
+
+    return run
+
+
+def assert_same_run(ref_dir: Path, run_dir: Path) -> None:
+    assert_bitwise_equal(load_checkpoint(final_checkpoint(ref_dir, STEPS)), load_checkpoint(final_checkpoint(run_dir, STEPS)))
+    assert losses(ref_dir) == losses(run_dir)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_one_trainer_mid_step_restores_from_its_keeper(seed, reference, tmp_path):
+    rng = random.Random(seed * 7919 + int(time.time()))
+    kill_at, delay, victim = rng.randint(2, STEPS - 5), rng.uniform(0.0, 0.3), rng.randint(0, 1)
+    print(f"seed {seed}: SIGKILL rank {victim} {delay:.3f}s after step {kill_at} was logged")
+    ref = reference(2)
+    args = ["train", CONFIG, *run_overrides(tmp_path, *BASE)]
+    launcher = subprocess.Popen(phalanx_cmd(args, nproc=2), cwd=REPO, env=loopback_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(tmp_path / "t", kill_at, launcher)
+        time.sleep(delay)  # somewhere inside the next step
+        os.kill(rank_pids(launcher)[victim], signal.SIGKILL)
+        launcher.wait(timeout=120)  # torchrun stops the other rank and fails
+    finally:
+        kill_tree(launcher)
+    assert launcher.returncode != 0, "the run finished before the kill"
+    relaunch = run_phalanx(args, nproc=2)
+    assert relaunch.returncode == 0, relaunch.stderr
+    restore = [e for e in events(tmp_path / "t") if e["event"] == "restore"]
+    assert restore and restore[-1]["restored_from"] == "keeper", restore
+    assert restore[-1]["step"] >= kill_at - 1, restore  # step kill_at was logged before its snapshot: at most it is lost
+    assert_same_run(ref, tmp_path / "t")
+
+
+def test_node_loss_is_rebuilt_from_parity(reference, tmp_path):
+    """4 ranks on 4 simulated nodes, k=2, m=1: groups {0,1} (parity on node 2) and {2,3} (parity on
+    node 0). Node 1 dies — its keeper and its trainer — and every other trainer with it."""
+    nodes = ["checkpoint.simulate_nodes=4", "checkpoint.erasure_k=2", "checkpoint.erasure_m=1"]
+    ref = reference(4, *nodes)
+    args = ["train", CONFIG, *run_overrides(tmp_path, *BASE, *nodes)]
+    launcher = subprocess.Popen(phalanx_cmd(args, nproc=4), cwd=REPO, env=loopback_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_at = random.Random().randint(2, STEPS - 5)
+    print(f"node 1 lost after step {kill_at}")
+    try:
+        wait_for_step(tmp_path / "t", kill_at, launcher)
+        lost_keeper = keeper_pid(tmp_path / "t", 1)
+    finally:
+        kill_tree(launcher)
+    sigkill(lost_keeper)
+    relaunch = run_phalanx(args, nproc=4)
+    assert relaunch.returncode == 0, relaunch.stderr
+    restore = [e for e in events(tmp_path / "t") if e["event"] == "restore"][-1]
+    assert restore["restored_from"] == "peers" and restore["step"] >= kill_at - 1, restore
+    assert restore["ranks"] == ["keeper", "peers (erasure decode)", "keeper", "keeper"], restore
+    assert_same_run(ref, tmp_path / "t")
+
+
+def test_losing_more_nodes_than_parity_falls_back_to_storage(tmp_path):
+    """Nodes 0 and 1 both gone: group {0,1} has lost two blocks with m=1 — the newest persisted
+    checkpoint is used, and the event says why."""
+    nodes = ["checkpoint.simulate_nodes=4", "checkpoint.erasure_k=2", "checkpoint.erasure_m=1"]
+    args = ["train", CONFIG, *run_overrides(tmp_path, *BASE, *nodes)]
+    launcher = subprocess.Popen(phalanx_cmd(args, nproc=4), cwd=REPO, env=loopback_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(tmp_path / "t", 7, launcher)
+        lost = [keeper_pid(tmp_path / "t", 0), keeper_pid(tmp_path / "t", 1)]
+    finally:
+        kill_tree(launcher)
+    for pid in lost:
+        sigkill(pid)
+    relaunch = run_phalanx(args, nproc=4)
+    assert relaunch.returncode == 0, relaunch.stderr
+    restore = [e for e in events(tmp_path / "t") if e["event"] == "restore"][-1]
+    assert restore["restored_from"] == "storage" and restore["step"] == 5, restore
+    assert "keepers" in restore["reason"], restore
