@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from phalanx.checkpoint.persistent import MANIFEST, CheckpointStore, SafeLoadPlanner, SafeReader, _MetadataUnpickler
+from phalanx.checkpoint.persistent import MANIFEST, CheckpointStore, SafeLoadPlanner, SafeReader
 from phalanx.errors import PhalanxError
 
 MODEL_PREFIX = "model."
@@ -180,36 +180,12 @@ def verify_checkpoints(run_dir: str, step: Optional[int] = None) -> tuple[list[s
     return lines, ok
 
 
-class _LayoutUnpickler(_MetadataUnpickler):
-    """torch pickles a `torch.layout` (in every TensorProperties) as `torch.serialization._get_layout(name)`,
-    which maps a name to an existing layout object: safe to admit. persistent.py's unpickler refuses it."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch.serialization", "_get_layout"):
-            return torch.serialization._get_layout
-        return super().find_class(module, name)
-
-
-class ExportReader(SafeReader):
-    """`SafeReader` whose metadata unpickler also admits layouts (see `_LayoutUnpickler`)."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        with self.fs.create_stream(self.fs.concat_path(self.path, ".metadata"), "rb") as f:
-            metadata = _LayoutUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
 def consolidated_model(path: str) -> dict[str, torch.Tensor]:
     """The full model weights of one DCP checkpoint folder, keyed as the unparallelised model names them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = ExportReader(path).read_metadata()
+    metadata = SafeReader(path).read_metadata()
     state = {fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
              for fqn, meta in metadata.state_dict_metadata.items()
              if fqn.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)}
@@ -217,7 +193,7 @@ def consolidated_model(path: str) -> dict[str, torch.Tensor]:
         raise PhalanxError(f"checkpoint {path} holds no model weights (no '{MODEL_PREFIX}*' tensors)")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=ExportReader(path), planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
     return {fqn[len(MODEL_PREFIX):]: tensor for fqn, tensor in state.items()}
 
 
