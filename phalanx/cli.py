@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     ckpt_export.add_argument("--format", default="safetensors", help="output format: safetensors (the only one)")
     ckpt_export.add_argument("--out", help="output file (default: RUN/export/step-N.safetensors)")
     ckpt_export.add_argument("--force", action="store_true", help="replace an existing output file")
+
+    from phalanx.scheduler.plan import add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="rank every parallel layout of a config on a cluster; "
+                                                   "recommend one and its rank order"))
     return parser
 
 
@@ -124,10 +129,16 @@ def _ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from phalanx.scheduler.plan import plan_command
+
+    return plan_command(args)
+
+
 @record
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "data": _data, "report": _report, "ckpt": _ckpt}[args.command]
+    handler = {"train": _train, "data": _data, "report": _report, "ckpt": _ckpt, "plan": _plan}[args.command]
     try:
         return handler(args)
     except PhalanxError as err:

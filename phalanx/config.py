@@ -115,7 +115,6 @@ class ParallelConfig:
     microbatches: Any = "auto"  # pipeline micro-batches per schedule run; auto: all of a rank's micro-batches
     comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/parallel/comm.py)
     order: str = "pp,dp,sp"  # rank order, outermost first (ranks numbered node by node); auto: `phalanx plan`'s placement
-    order: str = "pp,dp,sp"  # rank order, outermost first (ranks numbered node by node); auto: `phalanx plan`'s placement
 
 
 @dataclass
@@ -389,9 +388,6 @@ def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
 
     for key in ("sp", "ep", "pp"):
         _positive(f"parallel.{key}", getattr(p, key))
-    if p.order != "auto" and sorted(part.strip() for part in str(p.order).split(",")) != ["dp", "pp", "sp"]:
-        raise ConfigError(f"parallel.order={p.order!r} must be auto or a permutation of pp,dp,sp (outermost first), "
-                          f"e.g. pp,dp,sp")
     if p.order != "auto" and sorted(part.strip() for part in str(p.order).split(",")) != ["dp", "pp", "sp"]:
         raise ConfigError(f"parallel.order={p.order!r} must be auto or a permutation of pp,dp,sp (outermost first), "
                           f"e.g. pp,dp,sp")

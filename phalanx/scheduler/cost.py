@@ -158,12 +158,14 @@ def step_cost(cfg: Any, layout: Layout, topo: Topology, order: Optional[tuple[st
         blocks, head = stage_flops_per_token(cfg, shapes, layout, r)
         if layout.activation_checkpointing:
             blocks *= 4 / 3  # one more forward of every block in backward
-        worst_compute = max(worst_compute, tokens_rank * (blocks + head) / rate)
+        share = sum(len(s.blocks) for s in rank_stages(cfg, layout, r)) / len(shapes.blocks)
+        fixed = A * topo.microbatch_overhead_s * share  # per micro-batch, for this rank's share of the model
+        worst_compute = max(worst_compute, tokens_rank * (blocks + head) / rate + fixed)
         mem = memory(cfg, layout, r)
         if worst_mem is None or mem.total > worst_mem.total:
             worst_mem = mem
-        optimizer_s = max(optimizer_s, state_memory(cfg, layout, r).params / 4 * OPTIMIZER_TOUCH
-                          / topo.optimizer_bytes_per_s)
+        # AdamW updates the parameters whose moments this rank holds (a shard under fsdp and zero)
+        optimizer_s = max(optimizer_s, mem.optim / 8 * OPTIMIZER_TOUCH / topo.optimizer_bytes_per_s)
     bubble = 0.0
     compute_s = worst_compute
     if layout.pp > 1:

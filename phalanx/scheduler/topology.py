@@ -40,6 +40,7 @@ class Topology:
     overlap: float = 1.0  # share of backward compute that can hide data-parallel gradient / FSDP traffic
     optimizer_bytes_per_s: float = 1e12  # AdamW streams params, grads and two moments: memory bandwidth
     step_overhead_s: float = 0.0  # fixed per-step cost outside the model (launches, Python)
+    microbatch_overhead_s: float = 0.0  # fixed cost of one micro-batch's forward + backward of the whole model
     calibrated: bool = False
 
     @property

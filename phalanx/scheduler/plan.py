@@ -1,0 +1,244 @@
+"""`phalanx plan`: every valid layout of a config on a cluster, costed, ranked, and the best one written.
+
+Layouts are every (pp, sp, dp, ep) factorisation of the world, each data-parallel back end that
+composes with it, pipeline schedules, micro-batch sizes and activation checkpointing; `validate()`
+(the same check `phalanx train` runs) decides what is valid. Each is costed with phalanx's rank
+order, then the fastest that fit are re-costed with their best placement and re-ranked.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from phalanx.errors import ConfigError
+from phalanx.scheduler.cost import StepCost, step_cost
+from phalanx.scheduler.layout import Layout
+from phalanx.scheduler.placement import LOGICAL, best_order
+from phalanx.scheduler.topology import Topology
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(cfg: Any, world: int) -> Iterator[Layout]:
+    """Layouts worth costing (before validation): degrees, back ends, schedules, micro-batches, AC."""
+    m, t = cfg.model, cfg.train
+    experts = m.moe.num_experts
+    for pp in _divisors(world):
+        if pp > m.n_layers or (pp > 1 and m.tie_embeddings):
+            continue
+        for sp in _divisors(world // pp):
+            if cfg.data.seq_len % sp or m.n_heads % sp:
+                continue
+            dp = world // (pp * sp)
+            if t.batch_size % dp:
+                continue
+            per_rank = t.batch_size // dp
+            eps = [e for e in _divisors(dp * sp) if experts and experts % e == 0] or [1]
+            backends = [("ddp", 1)] if dp * sp == 1 else [("ddp", 1), ("fsdp", 1), ("zero", 1), ("zero", 2), ("zero", 3)]
+            schedules = [("1f1b", 2)] if pp == 1 else [("1f1b", 2), ("gpipe", 2), ("interleaved", 2)]
+            micro = [b for b in _divisors(per_rank) if b & (b - 1) == 0] or [per_rank]
+            for ep in eps:
+                for backend, stage in backends:
+                    for schedule, virtual in schedules:
+                        for mb in micro:
+                            for ac in (False, True):
+                                yield Layout(dp=dp, sp=sp, ep=ep, pp=pp, dp_backend=backend, zero_stage=stage,
+                                             pp_schedule=schedule, pp_virtual_stages=virtual, microbatches="auto",
+                                             micro_batch_size=mb, activation_checkpointing=ac)
+
+
+def valid(cfg: Any, layout: Layout) -> bool:
+    from phalanx.config import validate
+
+    trial = layout.apply(cfg)
+    trial.data.kind, trial.data.path = "synthetic", None  # the plan needs no data file
+    try:
+        validate(trial, layout.world)
+        if layout.pp > 1:
+            from phalanx.parallel.pipeline import pipeline_microbatches
+
+            pipeline_microbatches(trial, layout.dp)
+    except ConfigError:
+        return False
+    return True
+
+
+@dataclass
+class Plan:
+    rows: list[StepCost]  # ranked: layouts that fit first, fastest first
+    considered: int
+    topology: Topology
+
+    @property
+    def best(self) -> Optional[StepCost]:
+        return self.rows[0] if self.rows and self.rows[0].fits else None
+
+
+def plan(cfg: Any, topo: Topology, refine: int = 32, layouts: Optional[list[Layout]] = None) -> Plan:
+    """Cost every valid layout on `topo`; the `refine` best are re-costed with their best rank order."""
+    world = topo.world
+    cfg = copy.deepcopy(cfg)
+    candidates = layouts if layouts is not None else [lay for lay in candidate_layouts(cfg, world) if valid(cfg, lay)]
+    if not candidates:
+        raise ConfigError(f"no valid layout of this config on {topo.nodes} x {topo.gpus_per_node} devices; check that "
+                          f"train.batch_size({cfg.train.batch_size}) is a multiple of the data-parallel degree")
+    costs = [step_cost(cfg, lay, topo) for lay in candidates]
+    costs.sort(key=lambda c: (not c.fits, c.step_s))
+    head = []
+    for c in costs[:refine]:
+        order = best_order(cfg, c.layout, topo)
+        head.append(step_cost(cfg, c.layout, topo, order) if order != LOGICAL else c)
+    rows = sorted(head, key=lambda c: (not c.fits, c.step_s)) + costs[refine:]
+    return Plan(rows, len(candidates), topo)
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def _bytes(b: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= size:
+            return f"{b / size:.1f}{unit}"
+    return f"{b}B"
+
+
+def format_table(p: Plan, top: int) -> str:
+    """The ranked layouts as a fixed-width table, then the recommendation."""
+    out = io.StringIO()
+    t = p.topology
+    # A CPU has no honest peak to divide by (the trainer prints n/a too).
+    mfu = (lambda c: "n/a") if t.device == "cpu" else (lambda c: f"{c.mfu * 100:.1f}%")
+    out.write(f"{p.considered} valid layouts on {t.nodes} x {t.gpus_per_node} {t.device}"
+              f"{' (calibrated)' if t.calibrated else ' (preset)'}; best {min(top, len(p.rows))}:\n")
+    header = (f"{'#':>3}  {'layout':<34} {'order':<9} {'mem/dev GiB':>11} {'fits':>4} {'step s':>9} "
+              f"{'tokens/s':>11} {'MFU':>6}  bytes/step per dim")
+    out.write(header + "\n")
+    for i, c in enumerate(p.rows[:top], 1):
+        dims = " ".join(f"{d}={_bytes(b)}" for d, b in sorted(c.bytes_per_dim.items()))
+        out.write(f"{i:>3}  {c.layout.name():<34} {','.join(c.order):<9} {_gib(c.memory.total):>11} "
+                  f"{'yes' if c.fits else 'no':>4} {c.step_s:>9.4g} {c.tokens_per_s:>11,.0f} {mfu(c):>6}  "
+                  f"{dims or '-'}\n")
+    best = p.best
+    if best is None:
+        out.write("no layout fits in device memory; add devices, shorten data.seq_len or shrink the model\n")
+    else:
+        out.write(f"recommended: {best.layout.name()} (order {','.join(best.order)}): {best.step_s:.4g} s/step, "
+                  f"{best.tokens_per_s:,.0f} tokens/s, {_gib(best.memory.total)} GiB/device; compute "
+                  f"{best.compute_s:.3g} s, bubble {best.bubble:.0%}, exposed comm {sum(best.comm_s.values()):.3g} s\n")
+        if best.layout.activation_checkpointing:
+            out.write("note: activation checkpointing is modelled but not yet a trainer option\n")
+    return out.getvalue()
+
+
+def parallel_section(best: StepCost) -> dict[str, Any]:
+    """The config keys that select `best` (parallel section plus train.micro_batch_size)."""
+    lay = best.layout
+    parallel = {"dp": lay.dp, "sp": lay.sp, "ep": lay.ep, "pp": lay.pp, "dp_backend": lay.dp_backend,
+                "zero_stage": lay.zero_stage, "pp_schedule": lay.pp_schedule,
+                "pp_virtual_stages": lay.pp_virtual_stages, "microbatches": lay.microbatches,
+                "order": ",".join(best.order)}
+    return {"parallel": parallel, "train": {"micro_batch_size": lay.micro_batch_size}}
+
+
+def write_config(config_path: str, best: StepCost, out_path: str, force: bool = False) -> str:
+    """`config_path` with its parallel section (and train.micro_batch_size) replaced by `best`'s, at `out_path`."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    if os.path.exists(out_path) and not force:
+        raise ConfigError(f"'{out_path}' exists; pass --force to replace it or --write OTHER_PATH")
+    original = OmegaConf.load(config_path)
+    merged = OmegaConf.merge(original, OmegaConf.create(parallel_section(best)))
+    lay = best.layout
+    header = (f"# written by `phalanx plan {config_path}`: {lay.name()}, order {','.join(best.order)}, predicted "
+              f"{best.step_s:.4g} s/step, {best.tokens_per_s:,.0f} tokens/s\n")
+    with open(out_path, "w") as f:
+        f.write(header + OmegaConf.to_yaml(merged))
+    return out_path
+
+
+def add_plan_arguments(parser: Any) -> None:
+    import argparse
+
+    parser.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.batch_size=512")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes in the cluster (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="devices per node (default 8)")
+    parser.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    parser.add_argument("--device", default=None, help="preset: H100, H200, A100, L40S or cpu (default H100, "
+                                                       "or cpu with --calibrate)")
+    parser.add_argument("--nic", default="ndr400", help="inter-node link per device: ndr400, hdr200, eth100, eth25")
+    parser.add_argument("--topology", default=None, help="a saved topology JSON (from --calibrate) instead of a preset")
+    parser.add_argument("--calibrate", action="store_true", help="measure compute and links with micro-benchmarks "
+                        "on --gpus-per-node local processes (or every rank under torchrun), save to --topology")
+    parser.add_argument("--write", nargs="?", const="", default=None, metavar="PATH",
+                        help="write the config with the recommended parallel section (default CONFIG.plan.yaml)")
+    parser.add_argument("--force", action="store_true", help="with --write: replace an existing file")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _positive_arg(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}={value} must be a positive integer")
+
+
+def plan_command(args: Any) -> int:
+    """`phalanx plan`: load, (calibrate,) plan, print, (write)."""
+    import os
+    import time
+
+    from phalanx.config import load_config
+    from phalanx.scheduler.topology import load_topology, preset, save_topology
+
+    start = time.perf_counter()
+    _positive_arg("--nodes", args.nodes)
+    _positive_arg("--gpus-per-node", args.gpus_per_node)
+    _positive_arg("--top", args.top)
+    cfg = load_config(args.config, args.overrides)
+    if args.calibrate:
+        topo = _calibrate(cfg, args)
+        path = args.topology or os.path.join(cfg.run.dir, "topology.json")
+        save_topology(topo, path)
+        print(f"calibrated {topo.nodes} x {topo.gpus_per_node} {topo.device}: {topo.peak_flops * topo.achieved:.3g} "
+              f"FLOP/s achieved, {topo.microbatch_overhead_s * 1e3:.2f} ms fixed per micro-batch, intra "
+              f"{topo.intra.bandwidth / 1e9:.2f} GB/s + {topo.intra.latency_s * 1e6:.0f} us, inter "
+              f"{topo.inter.bandwidth / 1e9:.2f} GB/s + {topo.inter.latency_s * 1e6:.0f} us -> {path}")
+        topo = topo.resized(args.nodes, args.gpus_per_node)
+    elif args.topology:
+        topo = load_topology(args.topology, args.nodes, args.gpus_per_node)
+    else:
+        topo = preset(args.device or "H100", args.nic, args.nodes, args.gpus_per_node, cfg.train.dtype)
+    result = plan(cfg, topo)
+    print(format_table(result, args.top), end="")
+    if args.write is not None and result.best is not None:
+        out = args.write or os.path.splitext(args.config)[0] + ".plan.yaml"
+        print(f"wrote {write_config(args.config, result.best, out, args.force)}")
+    print(f"planned in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _calibrate(cfg: Any, args: Any) -> Topology:
+    import os
+
+    from phalanx.scheduler.calibrate import calibrate_local, calibrate_rank
+
+    device = args.device or "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank measures, across nodes too
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
+        try:
+            return calibrate_rank(cfg, args.nodes, args.gpus_per_node, device)
+        finally:
+            dist.destroy_process_group()
+    if args.nodes > 1:
+        raise ConfigError(f"--calibrate with --nodes={args.nodes} measures this machine only; run it under torchrun "
+                          f"on every node, or calibrate with --nodes=1 and plan for more nodes with --topology")
+    return calibrate_local(cfg, args.gpus_per_node, device)
