@@ -219,14 +219,16 @@ class CheckpointStore:
                 leaf, buffer = layout.leaves[i], io.BytesIO()
                 torch.save(views[i].clone(), buffer)
                 offset, size = put(buffer)
-                items.append({"fqn": leaf.fqn, "kind": "tensor", "dtype": leaf.dtype, "size": leaf.global_shape,
+                items.append({"fqn": leaf.fqn, "path": raw["mapping"][leaf.fqn], "kind": "tensor",
+                              "dtype": leaf.dtype, "size": leaf.global_shape,
                               "offsets": leaf.global_offset, "lengths": leaf.shape, "file": name,
                               "offset": offset, "length": size})
             for fqn in plan["write_values"]:
                 buffer = io.BytesIO()
                 torch.save(values[fqn], buffer)
                 offset, size = put(buffer)
-                items.append({"fqn": fqn, "kind": "bytes", "file": name, "offset": offset, "length": size})
+                items.append({"fqn": fqn, "path": raw["mapping"][fqn], "kind": "bytes", "file": name,
+                              "offset": offset, "length": size})
         files[name] = {"bytes": position, "blake2b": digest.hexdigest()}
         if plan["local_fqns"]:
             local = set(plan["local_fqns"])
@@ -259,9 +261,11 @@ class CheckpointStore:
         state_meta: dict[str, Any] = {}
         storage: dict[MetadataIndex, _StorageInfo] = {}
         files: dict[str, Any] = {}
+        paths: dict[str, tuple] = {}  # fqn -> path in the nested state: DCP's planner_data, for unflattening
         for record in records:
             files.update(record["files"])
             for item in record["items"]:
+                paths[item["fqn"]] = tuple(item["path"])
                 info_ = _StorageInfo(item["file"], item["offset"], item["length"])
                 if item["kind"] == "bytes":
                     state_meta[item["fqn"]] = BytesStorageMetadata()
@@ -271,7 +275,7 @@ class CheckpointStore:
                     TensorProperties(dtype=to_dtype(item["dtype"])), torch.Size(item["size"]), []))
                 meta.chunks.append(ChunkStorageMetadata(torch.Size(item["offsets"]), torch.Size(item["lengths"])))
                 storage[MetadataIndex(item["fqn"], torch.Size(item["offsets"]))] = info_
-        metadata = pickle.dumps(Metadata(state_dict_metadata=state_meta, storage_data=storage))
+        metadata = pickle.dumps(Metadata(state_dict_metadata=state_meta, planner_data=paths, storage_data=storage))
         self.fs.pipe_file(self._file(step, ".metadata"), metadata)
         digest = _digest()
         digest.update(metadata)
