@@ -80,7 +80,12 @@ def handshake_client(sock: socket.socket, secret: bytes) -> None:
     nonce = bytes(_recv_exact(sock, 32))
     mine = os.urandom(32)
     sock.sendall(_mac(secret, b"client", nonce) + mine)
-    if not hmac.compare_digest(bytes(_recv_exact(sock, 32)), _mac(secret, b"server", mine)):
+    try:
+        proof = bytes(_recv_exact(sock, 32))
+    except WireError:
+        raise WireError("the keeper closed the connection during authentication: this process does not hold "
+                        "the run's secret (runs/NAME/.keeper-secret)") from None
+    if not hmac.compare_digest(proof, _mac(secret, b"server", mine)):
         raise WireError("the keeper did not prove it holds this run's secret")
 
 
