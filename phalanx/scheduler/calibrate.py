@@ -4,7 +4,8 @@ Every rank runs at once, as in training, so shared cores, memory bandwidth and l
 under the load a step puts on them:
   * compute: forward + backward of the config's model at two sequence lengths; a line through
     (FLOPs, seconds) gives the achieved FLOP/s and a fixed cost per micro-batch (Python and kernel
-    launches, which dominate small models);
+    launches, which dominate small models); the same step on one rank at a time gives the speed-up a
+    rank sees while the others idle (CPU ranks sharing cores; a pipeline bubble frees them);
   * optimizer: AdamW steps over the model's parameters (bytes touched per second);
   * links: all-reduce and all-to-all at sizes from 4 kB to 4 MB over all ranks; least squares fits
     latency and bandwidth to the same alpha-beta terms the cost model uses. All ranks of a one-node
@@ -42,8 +43,22 @@ def _timed(fn: Any, repeats: int = REPEATS, barrier: bool = True) -> float:
     return min(times)
 
 
-def measure_compute(cfg: Any) -> tuple[float, float, float]:
-    """(achieved FLOP/s, fixed seconds per micro-batch, optimizer bytes/s) of this rank's model."""
+def _solo(fn: Any) -> float:
+    """Seconds of fn() on each rank in turn while the others wait: what a rank gets when the rest idle."""
+    if not dist.is_initialized():
+        return _timed(fn)
+    mine = 0.0
+    for turn in range(dist.get_world_size()):
+        dist.barrier()
+        if turn == dist.get_rank():
+            mine = _timed(fn, barrier=False)
+        dist.barrier()
+    return mine
+
+
+def measure_compute(cfg: Any) -> tuple[float, float, float, float]:
+    """(achieved FLOP/s, fixed seconds per micro-batch, optimizer bytes/s, idle speed-up) of this rank's model,
+    every rank computing at once; the speed-up is how much faster one rank computes while the others idle."""
     from phalanx.models import build_on_meta, flops_per_token, materialize
 
     model = materialize(build_on_meta(cfg.model), torch.device("cpu"), 0)
@@ -57,6 +72,8 @@ def measure_compute(cfg: Any) -> tuple[float, float, float]:
             F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
 
         points.append((B * t * flops_per_token(cfg.model, t), _timed(step)))
+        if t == T:
+            idle_speedup = max(1.0, points[0][1] / _solo(step))
     (f1, s1), (f2, s2) = points
     slope = max((s1 - s2) / (f1 - f2), 1e-15)  # seconds per FLOP
     fixed = max(0.0, s1 - slope * f1)
@@ -65,7 +82,7 @@ def measure_compute(cfg: Any) -> tuple[float, float, float]:
         p.grad = torch.zeros_like(p)
     touched = sum(p.numel() for p in model.parameters()) * 32  # cost.OPTIMIZER_TOUCH bytes per parameter
     seconds = _timed(optimizer.step)
-    return 1.0 / slope, fixed, touched / seconds
+    return 1.0 / slope, fixed, touched / seconds, idle_speedup
 
 
 def _fit_link(samples: list[tuple[float, float, float]]) -> Link:
@@ -104,11 +121,11 @@ def measure_link(group: Any) -> Link:
 def calibrate_rank(cfg: Any, nodes: int, gpus_per_node: int, device: str) -> Topology:
     """Run on every rank of the cluster (process group initialised); returns the measured topology."""
     base = preset(device, nodes=nodes, gpus_per_node=gpus_per_node, dtype=cfg.train.dtype)
-    rate, fixed, optimizer = measure_compute(cfg)
-    stats = torch.tensor([rate, -fixed, optimizer], dtype=torch.float64)
+    rate, fixed, optimizer, idle_speedup = measure_compute(cfg)
+    stats = torch.tensor([rate, -fixed, optimizer, idle_speedup], dtype=torch.float64)
     if dist.is_initialized():  # the slowest rank sets the pace
         dist.all_reduce(stats, op=dist.ReduceOp.MIN)
-    rate, fixed, optimizer = float(stats[0]), -float(stats[1]), float(stats[2])
+    rate, fixed, optimizer, idle_speedup = float(stats[0]), -float(stats[1]), float(stats[2]), float(stats[3])
     intra, inter = base.intra, base.inter
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
@@ -123,7 +140,8 @@ def calibrate_rank(cfg: Any, nodes: int, gpus_per_node: int, device: str) -> Top
     return Topology(nodes=nodes, gpus_per_node=gpus_per_node, device=device, peak_flops=peak,
                     achieved=rate / peak, memory_bytes=base.memory_bytes, intra=intra, inter=inter,
                     overlap=0.0 if device == "cpu" else base.overlap, optimizer_bytes_per_s=optimizer,
-                    microbatch_overhead_s=fixed, calibrated=True)
+                    microbatch_overhead_s=fixed, idle_speedup=idle_speedup if device == "cpu" else 1.0,
+                    calibrated=True)
 
 
 def _worker(rank: int, world: int, port: int, cfg: Any, device: str, out: str, threads: int) -> None:

@@ -5,8 +5,9 @@ back end shards it, + activations of the micro-batches in flight (1 without pp; 
 1F1B, all of a run's for GPipe). Parameter, gradient and optimizer bytes are exact for ddp, fsdp and
 ep (tested against what each rank holds); activations are an estimate of what autograd keeps.
 
-Step time = compute (the rank's FLOPs over achieved FLOP/s, / (1 - bubble) under pp, 4/3 of the
-block compute with activation checkpointing) + exposed communication (alpha-beta per collective,
+Step time = compute (the rank's FLOPs over achieved FLOP/s, / (1 - bubble) under pp — less where
+ranks share CPU cores and the busy ones speed up in the bubble (`idle_speedup`), 4/3 of the block
+compute with activation checkpointing) + exposed communication (alpha-beta per collective,
 `placement.collective_time`: sp/ep all-to-alls and pipeline sends are on the critical path; DDP and
 FSDP traffic hides behind up to `overlap` x backward compute) + the optimizer step (memory-bound) +
 a fixed per-step overhead (calibrated).
@@ -172,7 +173,8 @@ def step_cost(cfg: Any, layout: Layout, topo: Topology, order: Optional[tuple[st
         from phalanx.scheduler.pipeline import theoretical_bubble
 
         bubble = theoretical_bubble(layout.pp, layout.pipeline_microbatches(cfg.train.batch_size), layout.virtual)
-        compute_s = worst_compute / (1 - bubble)
+        # the idle share of the step; ranks that share cores (idle_speedup > 1) work faster through it
+        compute_s = worst_compute * (1 + bubble / (1 - bubble) / topo.idle_speedup)
     hideable = topo.overlap * worst_compute * 2 / 3  # backward's share of the compute
     exposed: dict[str, float] = {}
     for key, t in sorted(times.items(), key=lambda kv: kv[0]):

@@ -41,6 +41,9 @@ class Topology:
     optimizer_bytes_per_s: float = 1e12  # AdamW streams params, grads and two moments: memory bandwidth
     step_overhead_s: float = 0.0  # fixed per-step cost outside the model (launches, Python)
     microbatch_overhead_s: float = 0.0  # fixed cost of one micro-batch's forward + backward of the whole model
+    # How much faster a rank computes while the others idle (1: devices of their own, as GPUs). Ranks sharing
+    # CPU cores get the idle ranks' share in a pipeline bubble, so the bubble costs them less.
+    idle_speedup: float = 1.0
     calibrated: bool = False
 
     @property
