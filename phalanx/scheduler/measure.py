@@ -73,6 +73,9 @@ def _rank_measure(overrides: list[str], world: int, run_dir: str, steps: int, co
             torch.distributed.barrier()
         else:
             every = [result]
+        snapshots = getattr(trainer, "snapshots", None)
+        if snapshots is not None:  # a measurement is a finished run: its node's checkpoint keeper may exit
+            snapshots.close(release=True)
         del trainer
         gc.collect()  # wrappers holding process groups go before the groups do
         return {"ranks": every}
