@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("out", help="output .bin (a .json description is written beside it)")
     prep.add_argument("--force", action="store_true", help="replace an existing output")
 
+    ray_ = sub.add_parser("ray", help="train on a Ray cluster with failure detection and recovery")
+    ray_.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    ray_.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ray_.add_argument("--workers", type=int, default=2, help="trainer processes (one per GPU, else per CPU slot)")
+    ray_.add_argument("--address", default=None,
+                      help="a running Ray cluster (default: RAY_ADDRESS, else a local cluster on loopback)")
+
     report = sub.add_parser("report", help="plots and a summary of a run directory")
     report.add_argument("run_dir", help="e.g. runs/tiny")
 
@@ -107,6 +114,14 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ray(args: argparse.Namespace) -> int:
+    from phalanx.launch.controller import main as controller_main
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: need at least 1 worker")
+    return controller_main(args.config, args.overrides, args.workers, args.address)
+
+
 def _report(args: argparse.Namespace) -> int:
     from phalanx.report import report
 
@@ -137,8 +152,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 @record
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    handler = {"train": _train, "data": _data, "report": _report, "ckpt": _ckpt, "plan": _plan}[args.command]
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "ray" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # `phalanx ray CONFIG --workers N key=value ...`: overrides after the options
+        args.overrides = [*args.overrides, *extra]
+    handler = {"train": _train, "data": _data, "report": _report, "ckpt": _ckpt, "plan": _plan, "ray": _ray}[args.command]
     try:
         return handler(args)
     except PhalanxError as err:

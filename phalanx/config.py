@@ -135,7 +135,18 @@ class CheckpointConfig:
 
 @dataclass
 class FaultConfig:
-    collective_timeout_s: float = 300.0  # bound on every torch.distributed wait
+    """Failure detection and recovery (the Ray controller, `phalanx ray`) and fault injection."""
+
+    collective_timeout_s: float = 300.0  # bound on every torch.distributed wait; a longer one is a hang
+    heartbeat_s: float = 1.0  # how often the controller asks every worker where it is
+    straggler_factor: float = 2.0  # a rank busier than the median by this factor ...
+    straggler_steps: int = 3  # ... for this many steps in a row is reported as a straggler
+    max_restarts: int = 3  # recoveries before the controller gives up (naming the newest usable checkpoint)
+    wait_for_nodes_s: float = 60.0  # after a node loss, how long to wait for resources for its workers
+    # Tests and demos: "kill:rank=1:step=5", "hang:rank=1:step=5" (blocks before its next collective),
+    # "slow:rank=1:step=3:factor=3" (every step from then on), "node:node=1:step=5" (controller: the node's
+    # keeper and workers die). Each fires once per run.
+    inject: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -418,6 +429,17 @@ def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
                           f"simulated node needs a rank; use at most {world_size}")
     _positive("checkpoint.keeper_linger_s", c.keeper_linger_s)
     _positive("fault.collective_timeout_s", cfg.fault.collective_timeout_s)
+    _positive("fault.heartbeat_s", cfg.fault.heartbeat_s)
+    _positive("fault.straggler_steps", cfg.fault.straggler_steps)
+    _positive("fault.max_restarts", cfg.fault.max_restarts, allow_zero=True)
+    _positive("fault.wait_for_nodes_s", cfg.fault.wait_for_nodes_s, allow_zero=True)
+    if cfg.fault.straggler_factor <= 1:
+        raise ConfigError(f"fault.straggler_factor={cfg.fault.straggler_factor} must be > 1 (how many times the "
+                          f"median busy time makes a straggler), e.g. 2.0")
+    from phalanx.launch.faults import parse_injection
+
+    for spec in cfg.fault.inject:
+        parse_injection(spec)
     _positive("log.every", cfg.log.every)
     _one_of("log.progress", cfg.log.progress, ("auto", "bar", "lines", "none"))
     _one_of("log.wandb", cfg.log.wandb, ("disabled", "offline", "online"))

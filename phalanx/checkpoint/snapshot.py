@@ -41,14 +41,18 @@ StateFn = Callable[[], dict[str, Any]]
 
 
 def node_ids(ctx: DistContext, simulate: int, group: Optional[Any]) -> list[int]:
-    """Node index of every rank: `simulate` nodes in contiguous rank blocks, else by host name."""
+    """Node index of every rank: `simulate` nodes in contiguous rank blocks, else the launcher's
+    (PHALANX_NODE, set by the Ray controller), else by host name."""
     world = ctx.world_size
     if simulate:
         return [rank * simulate // world for rank in range(world)]
+    mine = os.environ.get("PHALANX_NODE")
     if world == 1:
-        return [0]
+        return [int(mine) if mine else 0]
     hosts: list[Any] = [None] * world
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    dist.all_gather_object(hosts, int(mine) if mine else socket.gethostname(), group=group)
+    if mine:
+        return hosts
     order = sorted(set(hosts), key=hosts.index)
     return [order.index(h) for h in hosts]
 
@@ -118,8 +122,9 @@ class SnapshotEngine:
         plan = persist_plan(state, self.layout, self.rank_local_keys, self.ctx.rank, self._all_gather)
         layouts = self._all_gather([self.layout.nbytes, json.dumps(self.layout.to_json(), sort_keys=True)])
         self.block_lengths = [n for n, _ in layouts]
+        # Blocks are usable by any launch with the same ranks and layouts, wherever the ranks now run.
         digest = hashlib.sha256(json.dumps([self.ctx.world_size, self.cfg.erasure_k, self.cfg.erasure_m,
-                                            [g.members for g in self.groups], layouts]).encode())
+                                            layouts]).encode())
         self.fingerprint = digest.hexdigest()[:16]
         plan["fingerprint"] = self.fingerprint
         self._attach(plan)

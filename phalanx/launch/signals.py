@@ -15,6 +15,10 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # a trainer in a worker thread (a Ray actor): its controller stops it instead
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from phalanx.launch import health
+
 
 @dataclass
 class CommStats:
@@ -56,7 +58,9 @@ def all_to_all_single(output: torch.Tensor, input: torch.Tensor, group: dist.Pro
                       input_split_sizes: Optional[list[int]] = None) -> torch.Tensor:
     """`dist.all_to_all_single` over `group` (the mesh dimension `dim`), counted."""
     start = time.perf_counter() if STATS.enabled else 0.0
+    seq = health.enter(f"all_to_all/{dim}")
     dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group)
+    health.leave(seq)
     if STATS.enabled:
         STATS.add("all_to_all", dim, _nbytes(input), time.perf_counter() - start)
     return output
@@ -66,7 +70,9 @@ def all_reduce(tensor: torch.Tensor, group: Optional[dist.ProcessGroup], dim: st
                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place `dist.all_reduce` over `group`, counted."""
     start = time.perf_counter() if STATS.enabled else 0.0
+    seq = health.enter(f"all_reduce/{dim}")
     dist.all_reduce(tensor, op=op, group=group)
+    health.leave(seq)
     if STATS.enabled:
         STATS.add("all_reduce", dim, _nbytes(tensor), time.perf_counter() - start)
     return tensor
@@ -80,7 +86,16 @@ def ddp_counting_hook(dim: str):
         if STATS.enabled:
             # The bucket's all-reduce is asynchronous: bytes are exact, time is not attributed here.
             STATS.add("all_reduce", dim, _nbytes(bucket.buffer()), 0.0)
-        return allreduce_hook(state, bucket)
+        seq = health.enter(f"all_reduce/{dim}")
+        future = allreduce_hook(state, bucket)
+        if not seq:
+            return future
+
+        def done(fut):
+            health.leave(seq)
+            return fut.value()
+
+        return future.then(done)
 
     return hook
 
@@ -120,7 +135,9 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, dim: str) -> torc
     """Every rank's `tensor` of `group`, stacked along a new first dimension, counted."""
     start = time.perf_counter() if STATS.enabled else 0.0
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    seq = health.enter(f"all_gather/{dim}")
     dist.all_gather(parts, tensor.contiguous(), group=group)
+    health.leave(seq)
     if STATS.enabled:
         STATS.add("all_gather", dim, _nbytes(tensor), time.perf_counter() - start)
     return torch.stack(parts)

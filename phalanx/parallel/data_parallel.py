@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from phalanx.launch import health
 from phalanx.parallel import comm
 from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.registry import register
@@ -151,7 +152,7 @@ class DDPStrategy(TorchDataParallel):
             find_unused_parameters=device.type == "cpu",
             **no_buffer_sync,
         )
-        if cfg.parallel.comm_stats:
+        if cfg.parallel.comm_stats or health.HEALTH.enabled:  # counted, and seen by the controller's watchdog
             ddp.register_comm_hook(mesh[DATA_DIM].get_group(), comm.ddp_counting_hook(DATA_DIM))
         return ddp
 

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from phalanx.checkpoint.snapshot import SnapshotEngine
 from phalanx.config import PhalanxConfig
 from phalanx.data import DataPosition, build_dataset
+from phalanx.launch import health
 from phalanx.launch.dist import DistContext, broadcast_object
+from phalanx.launch.faults import FaultInjector
 from phalanx.launch.signals import StopRequest
 from phalanx.models import build_on_meta, flops_per_token, materialize
 from phalanx.parallel import comm, registry
@@ -127,6 +129,7 @@ class Trainer:
         self.snapshots = SnapshotEngine(cfg, ctx, run_dir, self.state_dict, rank_local,
                                         lambda kind, **fields: append_event(run_dir, kind, **fields))
         self.snapshots.setup()
+        self.faults = FaultInjector(list(cfg.fault.inject), ctx.rank, run_dir)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -184,6 +187,7 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate gradients of the mean loss over this rank's micro-batches (synchronised on the last)."""
+        health.phase("forward_backward")
         self._train_mode()
         accumulation = len(micro_batches)
         for layer in self.moe_layers:  # the aux losses are averaged over micro-batches like the loss
@@ -224,6 +228,7 @@ class Trainer:
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step the optimizer and the LR schedule, clear gradients. Returns the pre-clip grad norm."""
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        health.phase("optimizer")
         self.snapshots.wait_copied()  # the last snapshot's copies read the state this step changes
         pp_group = self.ctx.mesh["pp"].get_group() if self.pipeline is not None else None
         grad_norm = self.data_parallel.step(self.model, self.optimizer, self.cfg.optim.grad_clip or math.inf,
@@ -311,6 +316,8 @@ class Trainer:
         try:
             interval_start, interval_steps = time.perf_counter(), 0
             while self.step < cfg.train.steps:
+                step_start = time.perf_counter()
+                self.faults.before_step()
                 loss, grad_norm = self.train_step(self.data.next_step())
                 self.step += 1
                 interval_steps += 1
@@ -318,6 +325,8 @@ class Trainer:
                 logged = self.step % cfg.log.every == 0 or last or self.step == first_step
                 if logged:
                     metrics = self._log_step(loss, grad_norm, interval_start, interval_steps, trackers, last)
+                if self.step == first_step and self.ctx.is_main:  # a controller times recovery by it
+                    append_event(self.run_dir, "first_step", step=self.step)
                 # A stop request is agreed at logged steps only when distributed: the agreement is a collective.
                 stopping = self._agree_stop(stop.requested) if logged or not self.ctx.distributed else False
                 persist = bool(cfg.checkpoint.persist_every) and self.step % cfg.checkpoint.persist_every == 0
@@ -325,7 +334,11 @@ class Trainer:
                 if stopping:
                     self.save()
                 elif snapshot or persist:  # launches copies; the keepers persist
+                    health.phase("snapshot")
                     self.snapshots.snapshot(self.step, persist=persist)
+                seconds = time.perf_counter() - step_start
+                health.step_done(self.step, seconds)
+                self.faults.after_step(self.step, seconds)
                 if stopping:
                     self.print(f"stopped by signal at step {self.step}; checkpoint saved; "
                                f"relaunch the same command to resume")
@@ -367,6 +380,7 @@ class Trainer:
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, interval_start: float, interval_steps: int,
                   trackers: list[Tracker], last: bool) -> dict[str, Any]:
         """Metrics of this step (and eval when due) to trackers and hooks."""
+        health.phase("log")
         loss_value = self._dp_mean(loss)  # waits for the device, so the interval's time is real
         seconds = (time.perf_counter() - interval_start) / interval_steps
         metrics = self._metrics(loss_value, float(grad_norm), seconds)
@@ -380,6 +394,8 @@ class Trainer:
             metrics["val_loss"] = self.evaluate()
         for tracker in trackers:
             tracker.log(metrics)
+        if self.ctx.is_main:
+            health.HEALTH.metrics = {k: v for k, v in metrics.items() if k != "comm"}  # streamed to a controller
         for hook in self.hooks:
             hook(self, metrics)
         return metrics

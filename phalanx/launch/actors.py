@@ -1,0 +1,72 @@
+"""Ray actors: a `TrainWorker` per device runs one rank's trainer; a `KeeperActor` per node holds the
+node's snapshot memory (the same `Keeper` the torchrun path starts as a process). Imported only by
+the controller: `import phalanx` never imports ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any, Optional
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class KeeperActor:
+    """Serves snapshot memory on its node until killed; losing the node loses it, as it should."""
+
+    def __init__(self, run_id: str, node: int, secret_hex: str, host: str, keeper_dir: str, linger_s: float):
+        from phalanx.checkpoint.keeper import Keeper
+
+        self.keeper = Keeper(run_id, node, bytes.fromhex(secret_hex), host, keeper_dir, linger_s)
+        threading.Thread(target=self.keeper.serve, daemon=True).start()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(max_concurrency=4)  # heartbeats are answered while `run` trains
+class TrainWorker:
+    def where(self) -> tuple[str, str]:
+        """(Ray node id, node IP address)."""
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def run(self, argv: list[str], env: dict[str, str]) -> int:
+        """One rank of `phalanx train`; returns its exit code."""
+        os.environ.update(env)
+        from phalanx.launch import health
+
+        health.HEALTH = health.Health(enabled=True)  # a reused worker starts counting afresh
+        from phalanx.cli import main
+
+        return main(argv)
+
+    def heartbeat(self) -> dict[str, Any]:
+        from phalanx.launch import health
+
+        return health.HEALTH.snapshot()
+
+
+def node_index_of(node_id: str, known: dict[str, int]) -> int:
+    """Stable small integers for Ray node ids (a replacement node gets a new one)."""
+    if node_id not in known:
+        known[node_id] = len(known)
+    return known[node_id]
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def kill(actor: Optional[Any]) -> None:
+    if actor is not None:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass

@@ -1,0 +1,384 @@
+"""`phalanx ray`: one Ray controller drives every worker of a run, detects failures and recovers.
+
+Per attempt: a placement group of one bundle per worker, a keeper actor on each node it spans, one
+`TrainWorker` per bundle running a rank of `phalanx train` (rendezvous at rank 0's node). Every
+`fault.heartbeat_s` the controller asks each worker where it is (`health.py`) and checks the nodes.
+It detects (a) a dead worker, (b) a lost node (its keeper gone), (c) a hang — a collective older than
+`fault.collective_timeout_s`, naming the ranks that never entered it — and (d) stragglers (a warning).
+On a failure it stops every worker, starts replacements (the placement group is made again, so a lost
+node's bundles land where there is room, waiting at most `fault.wait_for_nodes_s`) and the trainers
+restore by themselves from keeper memory, peers or storage. Each recovery is one `recovery` event in
+`events.jsonl` with its downtime split into detect / restart / restore / first step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+from phalanx.errors import PhalanxError
+from phalanx.launch.faults import fired, parse_injection
+from phalanx.launch.watchdog import find_hang, find_stragglers
+from phalanx.trainer.trackers import append_event
+
+
+def _events(run_dir: str, after: float) -> list[dict[str, Any]]:
+    path = os.path.join(run_dir, "events.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [e for e in map(json.loads, f) if e["time"] >= after]
+
+
+class Failure(Exception):
+    def __init__(self, cause: str, ranks: list[int], nodes: list[int], failed_at: float, detail: str = ""):
+        super().__init__(f"{cause}: rank(s) {ranks} on node(s) {nodes}" + (f" — {detail}" if detail else ""))
+        self.cause, self.ranks, self.nodes, self.failed_at, self.detail = cause, ranks, nodes, failed_at, detail
+        self.detected_at = time.time()
+
+
+class Controller:
+    def __init__(self, cfg: Any, config_path: str, overrides: list[str], workers: int, run_dir: str):
+        self.cfg, self.config_path, self.overrides, self.workers, self.run_dir = cfg, config_path, overrides, workers, run_dir
+        self.fault = cfg.fault
+        self.node_index: dict[str, int] = {}
+        self.keepers: dict[int, Any] = {}  # node index -> KeeperActor
+        self.node_injections = [i for i in map(parse_injection, cfg.fault.inject) if i.kind == "node"]
+        self.straggling: set[int] = set()
+        self.reached = 0  # the newest step any worker reported (steps after the restored one are lost)
+
+    # ---- one attempt -------------------------------------------------------------------------
+
+    def _placement(self) -> tuple[Any, list[str]]:
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        gpus = ray.cluster_resources().get("GPU", 0) >= self.workers
+        bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
+        pg = placement_group([dict(bundle) for _ in range(self.workers)], strategy="SPREAD")
+        ready, _ = ray.wait([pg.ready()], timeout=max(self.fault.wait_for_nodes_s, 1.0))
+        if not ready:
+            ray.util.remove_placement_group(pg)
+            raise PhalanxError(f"Ray cannot place {self.workers} workers ({bundle} each) within "
+                               f"fault.wait_for_nodes_s={self.fault.wait_for_nodes_s:.0f}s; "
+                               f"{self._newest_checkpoint()}; add nodes or lower --workers")
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
+        return pg, [nodes[i] for i in range(self.workers)]
+
+    def _keeper(self, node_id: str, node: int) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from phalanx.checkpoint.link import default_keeper_dir, keeper_host, run_identity
+        from phalanx.launch.actors import KeeperActor
+
+        actor = self.keepers.get(node)
+        if actor is not None:
+            try:
+                ray.get(actor.ping.remote(), timeout=10)
+                return
+            except Exception:
+                pass
+        run_id, secret = run_identity(self.run_dir)
+        c = self.cfg.checkpoint
+        self.keepers[node] = KeeperActor.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+            run_id, node, secret.hex(), keeper_host(c.keeper_host), c.keeper_dir or default_keeper_dir(),
+            c.keeper_linger_s)
+        ray.get(self.keepers[node].ping.remote(), timeout=60)
+
+    def _start(self, attempt: int, pg: Any, node_ids: list[str], workers: list[Optional[Any]]
+               ) -> tuple[list[Any], list[int], list[Any]]:
+        """Keepers on every node, a worker in every bundle (survivors of the last attempt are reused:
+        their processes have torch imported and cost no start), then every rank's `phalanx train`."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from phalanx.launch.actors import TrainWorker, node_index_of
+
+        nodes = [node_index_of(n, self.node_index) for n in node_ids]
+        for node_id, node in sorted(set(zip(node_ids, nodes)), key=lambda x: x[1]):
+            self._keeper(node_id, node)
+        workers = [w if w is not None else TrainWorker.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote() for i, w in enumerate(workers)]
+        master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
+        port = ray.get(workers[0].free_port.remote(), timeout=60)
+        argv = ["train", self.config_path, *self.overrides, f"run.name={os.path.basename(self.run_dir)}",
+                f"run.dir={os.path.dirname(self.run_dir)}", "run.resume=true"]
+        futures = []
+        for rank, worker in enumerate(workers):
+            local = nodes[:rank].count(nodes[rank])
+            env = {"RANK": str(rank), "WORLD_SIZE": str(self.workers), "LOCAL_RANK": str(local),
+                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])), "MASTER_ADDR": master_ip,
+                   "MASTER_PORT": str(port), "PHALANX_NODE": str(nodes[rank]), "PHALANX_RUN_LOCK_HELD_BY": "ray",
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            if "GLOO_SOCKET_IFNAME" in os.environ:
+                env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
+            futures.append(worker.run.remote(argv, env))
+        print(f"phalanx ray: attempt {attempt}: {self.workers} workers on nodes {nodes}", flush=True)
+        return workers, nodes, futures
+
+    def _survivors(self, workers: list[Any], futures: list[Any], failure: "Failure") -> list[Optional[Any]]:
+        """Workers worth keeping for the next attempt: not failed, and their run ended (a peer's death
+        ends it within seconds); the rest are killed."""
+        import ray
+
+        from phalanx.launch.actors import kill
+
+        keep: list[Optional[Any]] = list(workers)
+        if failure.cause == "lost node":
+            keep = [None] * len(workers)
+        for rank in failure.ranks:
+            keep[rank] = None
+        others = [futures[r] for r in range(len(workers)) if keep[r] is not None]
+        done, _ = ray.wait(others, timeout=10.0, num_returns=len(others)) if others else ([], [])
+        for rank, worker in enumerate(workers):
+            if keep[rank] is not None and futures[rank] in done and self._alive(worker):
+                continue
+            kill(worker)
+            keep[rank] = None
+        return keep
+
+    @staticmethod
+    def _alive(worker: Any) -> bool:
+        import ray
+
+        try:
+            ray.get(worker.where.remote(), timeout=5)
+            return True
+        except Exception:
+            return False
+
+    def _watch(self, workers: list[Any], nodes: list[int], futures: list[Any]) -> None:
+        """Returns when every rank finished with 0; raises Failure otherwise. Every wait is bounded."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        from phalanx.launch.actors import kill
+
+        beats: dict[int, dict[str, Any]] = {}
+        last_seen = {rank: time.time() for rank in range(len(workers))}
+        pending = dict(enumerate(futures))
+        while True:
+            done, _ = ray.wait(list(pending.values()), timeout=self.fault.heartbeat_s, num_returns=len(pending))
+            for rank, future in list(pending.items()):
+                if future not in done:
+                    continue
+                del pending[rank]
+                try:
+                    code = ray.get(future)
+                except RayActorError:
+                    raise Failure("dead worker", [rank], [nodes[rank]], last_seen[rank]) from None
+                except Exception as err:  # the trainer raised: a peer's death, or a real error
+                    hang = find_hang(beats, time.time(), self.fault.collective_timeout_s)
+                    if hang:
+                        raise self._hang(hang, nodes) from None
+                    dead = self._dead(pending, 2 * self.fault.heartbeat_s + 1.0)
+                    if dead:  # the error was the peer's death reaching this rank
+                        raise Failure("dead worker", dead, sorted({nodes[r] for r in dead}),
+                                      min(last_seen[r] for r in dead)) from None
+                    raise Failure("worker error", [rank], [nodes[rank]], last_seen[rank],
+                                  str(err).strip().splitlines()[-1][:300]) from None
+                if code != 0:
+                    raise Failure("worker exit", [rank], [nodes[rank]], last_seen[rank], f"exit code {code}")
+            if not pending:  # a last look at the whole run's step times (a straggler to report)
+                try:
+                    final = ray.get([w.heartbeat.remote() for w in workers], timeout=10)
+                    self._stragglers(dict(enumerate(final)), nodes)
+                except (RayActorError, GetTimeoutError):
+                    pass
+                return
+            for node, keeper in self.keepers.items():
+                if node in nodes and not self._keeper_alive(keeper):
+                    ranks = [r for r, n in enumerate(nodes) if n == node]
+                    raise Failure("lost node", ranks, [node], max(last_seen[r] for r in ranks),
+                                  "its keeper is gone")
+            calls = {rank: workers[rank].heartbeat.remote() for rank in pending}
+            for rank, call in calls.items():
+                try:
+                    beats[rank] = ray.get(call, timeout=max(5.0, 3 * self.fault.heartbeat_s))
+                    last_seen[rank] = beats[rank]["time"]
+                except (RayActorError, GetTimeoutError):
+                    pass  # a dead actor shows in its run future; a busy one answers next time
+            self.reached = max([self.reached, *(b["step"] for b in beats.values())])
+            hang = find_hang(beats, time.time(), self.fault.collective_timeout_s)
+            if hang:
+                raise self._hang(hang, nodes)
+            self._stragglers(beats, nodes)
+            self._inject_node_loss(beats, workers, nodes, kill)
+
+    @staticmethod
+    def _dead(pending: dict[int, Any], timeout: float) -> list[int]:
+        """Ranks among `pending` whose actor died (their run futures fail with RayActorError)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        done, _ = ray.wait(list(pending.values()), timeout=timeout, num_returns=len(pending)) if pending else ([], [])
+        dead = []
+        for rank, future in pending.items():
+            if future in done:
+                try:
+                    ray.get(future)
+                except RayActorError:
+                    dead.append(rank)
+                except Exception:
+                    pass
+        return sorted(dead)
+
+    @staticmethod
+    def _keeper_alive(keeper: Any) -> bool:
+        import ray
+
+        try:
+            ray.get(keeper.ping.remote(), timeout=10)
+            return True
+        except Exception:
+            return False
+
+    def _hang(self, hang: dict[str, Any], nodes: list[int]) -> Failure:
+        where = "; ".join(f"rank {r} at step {w['step']} in {w['phase']} after collective #{w['seq']}"
+                          for r, w in hang["where"].items())
+        detail = (f"ranks {hang['waiting']} waited in {hang['collective']} #{hang['seq']} longer than "
+                  f"fault.collective_timeout_s={self.fault.collective_timeout_s:.0f}s; never entered it: {where}")
+        entered = time.time() - self.fault.collective_timeout_s  # the stuck collective began before this
+        return Failure("hang", hang["culprits"], sorted({nodes[r] for r in hang["culprits"]}), entered, detail)
+
+    def _stragglers(self, beats: dict[int, dict[str, Any]], nodes: list[int]) -> None:
+        for s in find_stragglers(beats, self.fault.straggler_factor, self.fault.straggler_steps):
+            if s["rank"] not in self.straggling:
+                self.straggling.add(s["rank"])
+                append_event(self.run_dir, "straggler", rank=s["rank"], node=nodes[s["rank"]], busy_s=s["busy_s"],
+                             median_busy_s=s["median_busy_s"], steps=s["steps"])
+                print(f"phalanx ray: straggler: rank {s['rank']} (node {nodes[s['rank']]}) busy "
+                      f"{s['busy_s']:.3f}s per step vs median {s['median_busy_s']:.3f}s", flush=True)
+
+    def _inject_node_loss(self, beats: dict[int, dict[str, Any]], workers: list[Any], nodes: list[int],
+                          kill: Any) -> None:
+        step = max((b["step"] for b in beats.values()), default=0)
+        done = fired(self.run_dir)
+        for injection in self.node_injections:
+            if injection.spec in done or step < injection.step or injection.node not in nodes:
+                continue
+            append_event(self.run_dir, "fault_injected", spec=injection.spec, kind="node", node=injection.node,
+                         step=step)
+            kill(self.keepers.pop(injection.node, None))
+            for rank, node in enumerate(nodes):
+                if node == injection.node:
+                    kill(workers[rank])
+
+    # ---- the run -----------------------------------------------------------------------------
+
+    def _newest_checkpoint(self) -> str:
+        from phalanx.checkpoint.persistent import CheckpointStore
+
+        store = CheckpointStore(self.cfg.checkpoint.storage or os.path.join(self.run_dir, "checkpoints"))
+        newest = store.newest_valid(lambda step, problem: None)
+        return (f"the newest usable checkpoint is {store.path(newest)}" if newest is not None
+                else "no persisted checkpoint exists yet")
+
+    def run(self) -> int:
+        import ray
+
+        from phalanx.launch.actors import alive_nodes, kill
+
+        restarts, failure, last_step = 0, None, 0
+        pg, node_ids = None, []
+        workers: list[Optional[Any]] = [None] * self.workers
+        try:
+            while True:
+                started = time.time()
+                futures: list[Any] = []
+                try:
+                    if pg is not None and not set(node_ids) <= alive_nodes():
+                        ray.util.remove_placement_group(pg)  # bundles on a dead node: place again
+                        pg, workers = None, [None] * self.workers
+                    if pg is None:
+                        pg, node_ids = self._placement()
+                    workers, nodes, futures = self._start(restarts, pg, node_ids, workers)
+                    if failure is not None:
+                        self._record_recovery(failure, started, last_step)
+                    self._watch(workers, nodes, futures)
+                    append_event(self.run_dir, "controller_done", restarts=restarts)
+                    print(f"phalanx ray: finished after {restarts} recoveries", flush=True)
+                    return 0
+                except Failure as caught:
+                    failure = caught
+                    last_step = self.reached
+                    append_event(self.run_dir, "failure", cause=failure.cause, ranks=failure.ranks,
+                                 nodes=failure.nodes, failed_at=failure.failed_at, detected_at=failure.detected_at,
+                                 detail=failure.detail)
+                    print(f"phalanx ray: {failure}", flush=True)
+                    workers = self._survivors(workers, futures, failure)
+                if restarts >= self.fault.max_restarts:
+                    message = (f"giving up after fault.max_restarts={self.fault.max_restarts} recoveries "
+                               f"(last: {failure}); {self._newest_checkpoint()}")
+                    append_event(self.run_dir, "gave_up", restarts=restarts, message=message)
+                    raise PhalanxError(message)
+                restarts += 1
+        finally:
+            for actor in [*workers, *self.keepers.values()]:
+                kill(actor)
+            if pg is not None:
+                ray.util.remove_placement_group(pg)
+
+    def _record_recovery(self, failure: Failure, restart_at: float, last_step: int) -> None:
+        """Waits (bounded) for the relaunched run's restore and first step, then writes the recovery event."""
+        deadline = time.time() + max(120.0, 2 * self.fault.collective_timeout_s)
+        restore = first = None
+        while time.time() < deadline and first is None:
+            for event in _events(self.run_dir, failure.detected_at):
+                if event["event"] == "restore" and restore is None:
+                    restore = event
+                if event["event"] == "first_step":
+                    first = event
+            time.sleep(0.05)
+        if first is None:
+            return  # the relaunch failed before its first step; the next failure says why
+        restore_end = restore["time"] if restore else first["time"]
+        restore_s = restore["seconds"] if restore else 0.0
+        restored_step = restore["step"] if restore else 0
+        event = {
+            "cause": failure.cause, "ranks": failure.ranks, "nodes": failure.nodes, "detail": failure.detail,
+            "failed_at": failure.failed_at, "detected_at": failure.detected_at,
+            "restored_from": restore["restored_from"] if restore else "none (fresh start)",
+            "step": restored_step, "steps_lost": max(0, last_step - restored_step),
+            "detect_s": failure.detected_at - failure.failed_at,
+            "restart_s": max(0.0, restore_end - restore_s - failure.detected_at),
+            "restore_s": restore_s, "first_step_s": first["time"] - restore_end,
+            "downtime_s": first["time"] - failure.failed_at,
+        }
+        append_event(self.run_dir, "recovery", **event)
+        print(f"phalanx ray: recovered from {failure.cause} (ranks {failure.ranks}) from {event['restored_from']} "
+              f"at step {restored_step}: downtime {event['downtime_s']:.2f}s (detect {event['detect_s']:.2f} + "
+              f"restart {event['restart_s']:.2f} + restore {event['restore_s']:.2f} + first step "
+              f"{event['first_step_s']:.2f}), steps lost {event['steps_lost']}", flush=True)
+
+
+def connect(address: Optional[str]) -> None:
+    """Join a running cluster (`--address`, or RAY_ADDRESS as under `ray job submit`), else start a
+    local one on loopback without the dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def main(config_path: str, overrides: list[str], workers: int, address: Optional[str]) -> int:
+    from phalanx.config import load_config, validate
+    from phalanx.trainer.rundir import prepare_run_dir
+
+    cfg = validate(load_config(config_path, overrides), workers)
+    run_dir, messages = prepare_run_dir(cfg)
+    for message in messages:
+        print(message, flush=True)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo") if not (address or os.environ.get("RAY_ADDRESS")) else None
+    connect(address)
+    return Controller(cfg, os.path.abspath(config_path), overrides, workers, run_dir).run()
+
