@@ -11,7 +11,9 @@ with a Trainer built in-process. Every method checkpoints the same `trainer.stat
   `stall_s`), measured inside the training loop; also `snapshot()` + an immediate `wait_copied()`
   (the copy not overlapped by compute), with the main-thread parts timed one by one.
 - step-time overhead of snapshotting every step: blocks of steps with and without a snapshot after
-  each step, interleaved in the same trainer so machine noise hits both; medians compared.
+  each step, interleaved (off, on, on, off, ...) in the same trainer so machine noise hits both;
+  medians compared, in wall time and in this process's CPU time (which other tenants of a shared
+  machine disturb less, and which counts the background copy and commit).
 - erasure encode/decode GB/s of phalanx vs zfec and pyeclib (`benchmarks/erasure.py`) for k=4, m=2,
   on 64 MiB and on one rank's snapshot block of this model.
 
@@ -150,25 +152,29 @@ def step_overhead(trainer: Trainer, blocks: int, steps: int) -> dict[str, Any]:
     ends with the snapshot job finished outside the timing, so no block pays for another's work."""
     engine = trainer.snapshots
     times: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}  # this process's CPU seconds (all its threads)
     stalls: list[float] = []  # snapshot() of step i + wait_copied() inside step i+1
     for block in range(2 * blocks):
-        on = block % 2 == 1
+        on = block % 4 in (1, 2)  # off, on, on, off, ...: a drift in machine load hits both alike
         for i in range(steps):
             before = engine.stall_s
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             train_step(trainer)
             if on:
                 engine.snapshot(trainer.step)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu_used = time.perf_counter() - start, time.process_time() - cpu_start
             if i:  # the first step of a block warms up after the switch
                 times[on].append(elapsed)
+                cpu[on].append(cpu_used)
                 if on:
                     stalls.append(engine.stall_s - before)
         engine.finish()
     off, on_ = statistics.median(times[False]), statistics.median(times[True])
     mean_off, mean_on = statistics.fmean(times[False]), statistics.fmean(times[True])
+    cpu_off, cpu_on = statistics.median(cpu[False]), statistics.median(cpu[True])
     return {"step_ms_off": 1e3 * off, "step_ms_on": 1e3 * on_, "overhead_pct": 100 * (on_ / off - 1),
             "overhead_pct_mean": 100 * (mean_on / mean_off - 1), "steps_each": len(times[True]),
+            "cpu_ms_off": 1e3 * cpu_off, "cpu_ms_on": 1e3 * cpu_on, "cpu_overhead_pct": 100 * (cpu_on / cpu_off - 1),
             "stall_ms": ms(stalls), "stall_ms_max": 1e3 * max(stalls)}
 
 
@@ -224,7 +230,8 @@ def main() -> None:
                                                "tensor_lists", "copy_1_thread")))
     print(f"\nstep time, snapshot every step vs none: {overhead['step_ms_on']:.1f} vs {overhead['step_ms_off']:.1f} "
           f"ms (median of {overhead['steps_each']} each): overhead {overhead['overhead_pct']:+.2f}% "
-          f"(means: {overhead['overhead_pct_mean']:+.2f}%)")
+          f"(means: {overhead['overhead_pct_mean']:+.2f}%); this process's CPU time per step "
+          f"{overhead['cpu_ms_on']:.0f} vs {overhead['cpu_ms_off']:.0f} ms: {overhead['cpu_overhead_pct']:+.2f}%")
     print("\nerasure k=4 m=2, GB/s of data, one thread")
     print("| data | phalanx enc | phalanx dec | zfec enc | zfec dec | pyeclib enc | pyeclib dec |\n|---|---|---|---|---|---|---|")
     for name, r in (("64 MiB", small), (f"{state_bytes / 2**20:.0f} MiB (one block)", block)):
@@ -243,6 +250,7 @@ def main() -> None:
         "phalanx_parts_ms": {k: ms(v) for k, v in direct.items()},
         "step_ms": {"snapshot_every_step": overhead["step_ms_on"], "no_snapshot": overhead["step_ms_off"]},
         "step_overhead_pct": overhead["overhead_pct"], "step_overhead_pct_mean": overhead["overhead_pct_mean"],
+        "step_cpu_overhead_pct": overhead["cpu_overhead_pct"],
         "encode_gbps": small["encode_gbps"], "decode_gbps": small["decode_gbps"],
         "zfec_encode_gbps": small["zfec_encode_gbps"], "pyeclib_encode_gbps": small["pyeclib_encode_gbps"],
         "encode_gbps_block": block["encode_gbps"], "decode_gbps_block": block["decode_gbps"],
