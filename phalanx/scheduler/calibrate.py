@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from phalanx.scheduler.topology import Link, Topology, preset
 
 SIZES = (4 << 10, 64 << 10, 512 << 10, 4 << 20)  # bytes per collective buffer
-REPEATS = 5
+REPEATS = 8
 
 
 def _timed(fn: Any, repeats: int = REPEATS, barrier: bool = True) -> float:
