@@ -152,7 +152,9 @@ class FlatLayout:
 
     def write_skeleton(self, block: torch.Tensor, state: dict[str, Any]) -> None:
         flat, mapping = flatten_state_dict(state)
-        data = _skeleton_json(state, flat, mapping)
+        self.write_skeleton_bytes(block, _skeleton_json(state, flat, mapping))
+
+    def write_skeleton_bytes(self, block: torch.Tensor, data: bytes) -> None:
         if len(data) > self.skeleton_capacity:
             raise PhalanxError(f"the non-tensor state grew to {len(data)} bytes, beyond the {self.skeleton_capacity} "
                                f"reserved; restart the run so the snapshot layout is measured again")
@@ -219,3 +221,13 @@ def read_skeleton_values(data: bytes, template: Optional[dict[str, Any]] = None
 def skeleton_bytes(state: dict[str, Any]) -> bytes:
     flat, mapping = flatten_state_dict(state)
     return _skeleton_json(state, flat, mapping)
+
+
+def encode_values(flat: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of a flat state's non-tensor leaves."""
+    return {fqn: _encode(v) for fqn, v in flat.items() if not isinstance(v, torch.Tensor)}
+
+
+def mapping_json(state: dict[str, Any]) -> bytes:
+    return json.dumps({fqn: list(path) for fqn, path in flatten_state_dict(state)[1].items()},
+                      separators=(",", ":")).encode()

@@ -89,6 +89,7 @@ class Keeper:
 
     def register(self, rank: int, nbytes: int, plan: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
+            self.stop_requested = False  # a trainer arrived after the last one said goodbye: keep serving
             state = self.ranks.get(rank)
             same = state is not None and state.nbytes == nbytes and \
                 state.plan.get("fingerprint") == plan.get("fingerprint")
@@ -229,9 +230,7 @@ class Keeper:
     def handle(self, conn: socket.socket) -> None:
         from phalanx.checkpoint.wire import WireError, handshake_server, recv, send
 
-        with self.lock:
-            self.clients += 1
-        try:
+        try:  # `clients` was counted by the accept loop, before this thread existed
             conn.settimeout(30)
             handshake_server(conn, self.secret)
             conn.settimeout(None)  # trainers hold their connection for the whole run
@@ -310,6 +309,8 @@ class Keeper:
                 try:
                     conn, _ = server.accept()
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    with self.lock:  # counted here, so the idle check below never misses a new client
+                        self.clients += 1
                     threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
                 except socket.timeout:
                     pass

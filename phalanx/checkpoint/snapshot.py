@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from phalanx.checkpoint.erasure import ErasureCodec
-from phalanx.checkpoint.flat import FlatLayout, flatten_state_dict
+from phalanx.checkpoint.flat import FlatLayout, encode_values, flatten_state_dict, local_chunk, mapping_json
 from phalanx.checkpoint.groups import ErasureGroup, erasure_groups
 from phalanx.checkpoint.link import connect_keeper, default_keeper_dir, keeper_host, run_identity
 from phalanx.checkpoint.persistent import CheckpointStore, persist_plan
@@ -61,8 +61,12 @@ class SnapshotEngine:
     """One per rank. Collective methods (setup, restore, close) are called by every rank together."""
 
     def __init__(self, cfg: Any, ctx: DistContext, run_dir: str, state_fn: StateFn,
-                 rank_local_keys: tuple[str, ...], event: Callable[..., None]):
+                 rank_local_keys: tuple[str, ...], event: Callable[..., None], light_fn: Optional[StateFn] = None):
         self.cfg, self.ctx, self.run_dir, self.state_fn = cfg.checkpoint, ctx, run_dir, state_fn
+        self.light_fn = light_fn  # the cheap, changing part of the state (see _cache_sources)
+        self._cache: Optional[dict[str, Any]] = None
+        self._snapshots = 0
+        self._reserved: dict[int, int] = {}  # step -> keeper slot begun for it in advance
         self.rank_local_keys, self.event = rank_local_keys, event
         self.timeout = cfg.fault.collective_timeout_s
         self.group = None
@@ -127,6 +131,7 @@ class SnapshotEngine:
                                             layouts]).encode())
         self.fingerprint = digest.hexdigest()[:16]
         plan["fingerprint"] = self.fingerprint
+        self._cache = self._cache_sources(state)
         self._attach(plan)
         self.addresses = {n: tuple(a) for n, a in dict(self._all_gather((self.node, self._address()))).items()}
 
@@ -156,22 +161,74 @@ class SnapshotEngine:
 
     # ---- snapshots -----------------------------------------------------------------------
 
+    def _cache_sources(self, state: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Skip the full `state_fn()` per snapshot when it is safe: parameters and optimizer moments
+        are updated in place, so the tensors a state dict points at are the same every step. Two
+        calls must return the same storage for every tensor outside `light_fn()`'s keys, and
+        `light_fn()` must cover every other value (step, schedule, data position, RNG, the optimizer's
+        param_groups); back ends that hand out copies (ZeRO-3 gathers) keep the full call."""
+        if self.light_fn is None:
+            return None
+        light, _ = flatten_state_dict(self.light_fn())
+        flat, _ = flatten_state_dict(state)
+        again, _ = flatten_state_dict(self.state_fn())
+        if not set(light) <= set(flat):
+            return None
+        for fqn, value in flat.items():
+            if fqn in light:
+                continue
+            if isinstance(value, torch.Tensor):
+                mine, other = local_chunk(value)[0], local_chunk(again[fqn])[0]
+                if mine.data_ptr() != other.data_ptr() or mine.shape != other.shape:
+                    return None
+            elif fqn not in again or encode_values({fqn: value}) != encode_values({fqn: again[fqn]}):
+                return None
+        if encode_values({k: v for k, v in light.items()}) != encode_values({k: flat[k] for k in light}):
+            return None  # the light values must be the very ones the state dict holds
+        index = {leaf.fqn: i for i, leaf in enumerate(self.layout.leaves)}
+        return {"values": encode_values(flat), "sources": self.layout.tensors(state),
+                "volatile": {fqn: index[fqn] for fqn, v in light.items() if isinstance(v, torch.Tensor)},
+                "mapping": mapping_json(state)}
+
+    def state_replaced(self) -> None:
+        """After a load: optimizers load into new tensors, so the cached sources are found again."""
+        if self.light_fn is not None:
+            self._cache = self._cache_sources(self.state_fn())
+
+    def _sources(self, block: torch.Tensor) -> list[torch.Tensor]:
+        """Write this snapshot's skeleton into `block`; the tensors to copy after it."""
+        self._snapshots += 1
+        if self._cache is not None and self._snapshots % 100 == 0:  # re-check the in-place assumption
+            self._cache = self._cache_sources(self.state_fn())
+        if self._cache is None:
+            state = self.state_fn()
+            if not self.layout.matches(state):
+                raise PhalanxError("the trainer state changed shape between steps; snapshots need a fixed layout "
+                                   "(a strategy that adds state lazily must create it before the first step)")
+            self.layout.write_skeleton(block, state)
+            return self.layout.tensors(state)
+        light, _ = flatten_state_dict(self.light_fn())
+        values = {**self._cache["values"], **encode_values(light)}
+        self.layout.write_skeleton_bytes(block, b'{"values":' + json.dumps(values, separators=(",", ":")).encode()
+                                         + b',"mapping":' + self._cache["mapping"] + b"}")
+        sources = list(self._cache["sources"])
+        for fqn, i in self._cache["volatile"].items():
+            sources[i] = local_chunk(light[fqn])[0]
+        return sources
+
     def snapshot(self, step: int, persist: bool = False) -> None:
         """Start the snapshot of the state after step `step`; returns once copies are launched."""
         start = time.perf_counter()
         self.finish()
-        state = self.state_fn()
-        if not self.layout.matches(state):
-            raise PhalanxError("the trainer state changed shape between steps; snapshots need a fixed layout "
-                               "(a strategy that adds state lazily must create it before the first step)")
         try:
-            slot = self._call("begin", rank=self.ctx.rank, step=step)["slot"]
+            slot = self._reserved.pop(step, None)
+            if slot is None:
+                slot = self._call("begin", rank=self.ctx.rank, step=step)["slot"]
         except WireError as err:  # the keeper died: start another one; this step's snapshot is lost
             self._lost(step, err)
             return
         block = self.blocks[slot]
-        self.layout.write_skeleton(block, state)
-        sources, views = self.layout.tensors(state), self.layout.views(block)
+        sources, views = self._sources(block), self.layout.views(block)
         self.copied.clear()
         copy_done = None
         if self.ctx.device.type == "cuda":
@@ -227,6 +284,12 @@ class SnapshotEngine:
         self.committed = step
         if persist:
             self._request_persist(step)
+        if self.cfg.snapshot_every:  # the next snapshot's slot, reserved off the training thread
+            upcoming = step + self.cfg.snapshot_every
+            try:
+                self._reserved = {upcoming: self._call("begin", rank=self.ctx.rank, step=upcoming)["slot"]}
+            except (WireError, PhalanxError):
+                self._reserved = {}
 
     def _send_parity(self, step: int, block: torch.Tensor) -> None:
         group = self.my_group

@@ -47,6 +47,7 @@ class Controller:
         self.keepers: dict[int, Any] = {}  # node index -> KeeperActor
         self.node_injections = [i for i in map(parse_injection, cfg.fault.inject) if i.kind == "node"]
         self.straggling: set[int] = set()
+        self.node_ids: list[str] = []  # Ray node of each rank in the current attempt
         self.reached = 0  # the newest step any worker reported (steps after the restored one are lost)
 
     # ---- one attempt -------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class Controller:
         from phalanx.launch.actors import TrainWorker, node_index_of
 
         nodes = [node_index_of(n, self.node_index) for n in node_ids]
+        self.node_ids = list(node_ids)
         for node_id, node in sorted(set(zip(node_ids, nodes)), key=lambda x: x[1]):
             self._keeper(node_id, node)
         workers = [w if w is not None else TrainWorker.options(
@@ -117,6 +119,7 @@ class Controller:
             if "GLOO_SOCKET_IFNAME" in os.environ:
                 env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
             futures.append(worker.run.remote(argv, env))
+        append_event(self.run_dir, "workers", attempt=attempt, nodes=nodes, node_ids=node_ids)
         print(f"phalanx ray: attempt {attempt}: {self.workers} workers on nodes {nodes}", flush=True)
         return workers, nodes, futures
 
@@ -170,15 +173,14 @@ class Controller:
                 try:
                     code = ray.get(future)
                 except RayActorError:
-                    raise Failure("dead worker", [rank], [nodes[rank]], last_seen[rank]) from None
+                    raise self._dead_failure([rank], nodes, last_seen) from None
                 except Exception as err:  # the trainer raised: a peer's death, or a real error
                     hang = find_hang(beats, time.time(), self.fault.collective_timeout_s)
                     if hang:
                         raise self._hang(hang, nodes) from None
                     dead = self._dead(pending, 2 * self.fault.heartbeat_s + 1.0)
                     if dead:  # the error was the peer's death reaching this rank
-                        raise Failure("dead worker", dead, sorted({nodes[r] for r in dead}),
-                                      min(last_seen[r] for r in dead)) from None
+                        raise self._dead_failure(dead, nodes, last_seen) from None
                     raise Failure("worker error", [rank], [nodes[rank]], last_seen[rank],
                                   str(err).strip().splitlines()[-1][:300]) from None
                 if code != 0:
@@ -208,6 +210,17 @@ class Controller:
                 raise self._hang(hang, nodes)
             self._stragglers(beats, nodes)
             self._inject_node_loss(beats, workers, nodes, kill)
+
+    def _dead_failure(self, dead: list[int], nodes: list[int], last_seen: dict[int, float]) -> "Failure":
+        """A dead worker, or — when its node is gone from the cluster — a lost node with all its ranks."""
+        from phalanx.launch.actors import alive_nodes
+
+        alive = alive_nodes()
+        lost = sorted({nodes[r] for r in dead if self.node_ids[r] not in alive})
+        if lost:
+            ranks = [r for r, n in enumerate(nodes) if n in lost]
+            return Failure("lost node", ranks, lost, min(last_seen[r] for r in ranks), "the node left the cluster")
+        return Failure("dead worker", dead, sorted({nodes[r] for r in dead}), min(last_seen[r] for r in dead))
 
     @staticmethod
     def _dead(pending: dict[int, Any], timeout: float) -> list[int]:

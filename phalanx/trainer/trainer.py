@@ -127,7 +127,8 @@ class Trainer:
         self.last_lr = 0.0
         # Snapshots: after every `snapshot_every` steps into this node's keeper; persisted by the keepers.
         self.snapshots = SnapshotEngine(cfg, ctx, run_dir, self.state_dict, rank_local,
-                                        lambda kind, **fields: append_event(run_dir, kind, **fields))
+                                        lambda kind, **fields: append_event(run_dir, kind, **fields),
+                                        light_fn=self.changing_state)
         self.snapshots.setup()
         self.faults = FaultInjector(list(cfg.fault.inject), ctx.rank, run_dir)
 
@@ -138,6 +139,18 @@ class Trainer:
         return {
             "model": model_state,
             "optim": optim_state,
+            "lr_schedule": self.schedule.state_dict(),
+            "data": self.data.state_dict(),
+            "step": self.step,
+            "trackers": {"wandb_run_id": self.wandb_run_id},
+            "rng": rng_state(self.device),
+        }
+
+    def changing_state(self) -> dict[str, Any]:
+        """The part of `state_dict()` that is not tensors updated in place — cheap to build every step."""
+        return {
+            "optim": {"param_groups": [{k: v for k, v in group.items() if k != "params"}
+                                       for group in self.optimizer.param_groups]},
             "lr_schedule": self.schedule.state_dict(),
             "data": self.data.state_dict(),
             "step": self.step,
@@ -168,6 +181,7 @@ class Trainer:
         if state is None:
             return None
         self.load_state_dict(state)
+        self.snapshots.state_replaced()
         if self.ctx.is_main:
             append_event(self.run_dir, "restore", step=step, restored_from=info["tier"], reason=info["reason"],
                          seconds=time.perf_counter() - start, **({"ranks": info["tiers"]} if "tiers" in info else {}))

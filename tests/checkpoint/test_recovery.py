@@ -21,7 +21,7 @@ from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_che
 
 pytestmark = pytest.mark.slow
 
-STEPS = 14
+STEPS = 40  # long enough that the kill lands mid-run on a loaded machine (steps take ~0.1 s)
 BASE = [f"train.steps={STEPS}", "checkpoint.persist_every=5", "train.batch_size=8", "train.micro_batch_size=2"]
 
 
@@ -75,7 +75,7 @@ def assert_same_run(ref_dir: Path, run_dir: Path) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_one_trainer_mid_step_restores_from_its_keeper(seed, reference, tmp_path):
     rng = random.Random(seed * 7919 + int(time.time()))
-    kill_at, delay, victim = rng.randint(2, STEPS - 5), rng.uniform(0.0, 0.3), rng.randint(0, 1)
+    kill_at, delay, victim = rng.randint(2, STEPS - 25), rng.uniform(0.0, 0.3), rng.randint(0, 1)
     print(f"seed {seed}: SIGKILL rank {victim} {delay:.3f}s after step {kill_at} was logged")
     ref = reference(2)
     args = ["train", CONFIG, *run_overrides(tmp_path, *BASE)]
@@ -105,7 +105,7 @@ def test_node_loss_is_rebuilt_from_parity(reference, tmp_path):
     args = ["train", CONFIG, *run_overrides(tmp_path, *BASE, *nodes)]
     launcher = subprocess.Popen(phalanx_cmd(args, nproc=4), cwd=REPO, env=loopback_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_at = random.Random().randint(2, STEPS - 5)
+    kill_at = random.Random().randint(2, STEPS - 25)
     print(f"node 1 lost after step {kill_at}")
     try:
         wait_for_step(tmp_path / "t", kill_at, launcher)
@@ -138,5 +138,5 @@ def test_losing_more_nodes_than_parity_falls_back_to_storage(tmp_path):
     relaunch = run_phalanx(args, nproc=4)
     assert relaunch.returncode == 0, relaunch.stderr
     restore = [e for e in events(tmp_path / "t") if e["event"] == "restore"][-1]
-    assert restore["restored_from"] == "storage" and restore["step"] == 5, restore
+    assert restore["restored_from"] == "storage" and restore["step"] in (5, 10), restore  # persist_every=5
     assert "keepers" in restore["reason"], restore
