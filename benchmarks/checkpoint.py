@@ -53,8 +53,8 @@ CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 
 def build_trainer(root: str, args: argparse.Namespace) -> Trainer:
     overrides = [f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", "model.n_heads=8",
-                 "model.n_kv_heads=4", "model.max_seq_len=128", "data.seq_len=128", "train.batch_size=4",
-                 "train.micro_batch_size=4", "train.eval_every=0", "train.steps=100000", "log.wandb=disabled",
+                 "model.n_kv_heads=4", "model.max_seq_len=128", "data.seq_len=128",
+                 f"train.batch_size={args.batch}", "train.micro_batch_size=4", "train.eval_every=0", "train.steps=100000", "log.wandb=disabled",
                  "log.progress=none", f"run.dir={root}", "run.name=bench", "checkpoint.snapshot_every=1",
                  "checkpoint.persist_every=0", "checkpoint.keeper_linger_s=60"]
     cfg = validate(load_config(os.path.join(REPO, "configs", "tiny.yaml"), overrides))
@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=4, help="checkpoints per method (after one warm-up)")
     parser.add_argument("--blocks", type=int, default=4, help="blocks per mode in the overhead measurement")
     parser.add_argument("--steps", type=int, default=3, help="steps per block")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="sequences of 128 tokens per step (16: 2,048 tokens; real runs take ~1M per step)")
     args = parser.parse_args()
     # DCP without a process group says "assuming the intent is to save in a single process": it is.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -12,12 +12,17 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True, scope="session")
 def _no_keeper_outlives_the_tests(tmp_path_factory):
     """Checkpoint keepers are detached on purpose (they outlive trainers); the ones this session
-    started, recognised by their run folder under pytest's base temp, are stopped at its end."""
-    base = str(tmp_path_factory.getbasetemp())
-    yield
+    started for runs in temporary folders are stopped at its end."""
+    import tempfile
+    import time
+
     import psutil
 
-    for proc in psutil.process_iter(["cmdline"]):
+    roots = (str(tmp_path_factory.getbasetemp()), tempfile.gettempdir())
+    started = time.time()
+    yield
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
         cmdline = proc.info["cmdline"] or []
-        if "phalanx.checkpoint.keeper" in cmdline and any(arg.startswith(base) for arg in cmdline):
+        if ("phalanx.checkpoint.keeper" in cmdline and proc.info["create_time"] >= started - 1
+                and any(arg.startswith(roots) for arg in cmdline)):
             proc.kill()

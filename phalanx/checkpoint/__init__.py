@@ -1,7 +1,6 @@
 """Checkpointing: asynchronous in-memory snapshots every step (`snapshot.py`), held by a keeper process
 per node (`keeper.py`), erasure-coded across nodes (`erasure.py`, `groups.py`), persisted lazily by the
-keepers in DCP format to any fsspec URL (`persistent.py`); restore from keeper -> peers -> storage."""
+keepers in DCP format to any fsspec URL (`persistent.py`); restore from keeper -> peers -> storage.
 
-from phalanx.checkpoint.persistent import CheckpointStore
-
-__all__ = ["CheckpointStore"]
+Nothing is imported here: a keeper process starts with the standard library only and imports torch
+when it first codes parity or persists."""

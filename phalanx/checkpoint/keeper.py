@@ -119,6 +119,9 @@ class Keeper:
             newest = self._newest(slots)
             free = [i for i, s in enumerate(slots) if i != newest and not s.pinned]
             free.sort(key=lambda i: (slots[i].status == "complete", slots[i].step or -1))
+            if not free:  # cannot happen while persists are skipped when busy; refused, not crashed
+                return {"error": f"no free snapshot slot for rank {rank}: the newest is kept and the others "
+                                 f"are being persisted"}
             index = free[0]
             slots[index].step, slots[index].status = step, "filling"
             return {"slot": index}
@@ -214,11 +217,16 @@ class Keeper:
     def _finalize(self, store: Any, request: dict[str, Any], outcome: dict[str, Any]) -> None:
         try:
             outcome["path"] = store.finalize(request["step"], request["world_size"], request["timeout_s"],
-                                             request["keep_last"], request.get("info", {}))
+                                             request["keep_last"], request.get("info", {}), self._in_flight)
         except Exception as err:
             outcome["error"] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
         self._persisted(request["rank"], request["step"], outcome)
+
+    def _in_flight(self) -> set[int]:
+        """Steps some persist of this keeper has not finished: retention leaves their folders alone."""
+        with self.lock:
+            return {step for (_, step), outcome in self.persist_results.items() if not outcome.get("done")}
 
     def _persisted(self, rank: int, step: int, outcome: dict[str, Any]) -> None:
         with self.lock:
@@ -280,6 +288,10 @@ class Keeper:
                 return {}, memoryview(match.buffer)
             if op == "persist":
                 return self.persist(header), None
+            if op == "persist_busy":  # a write of this rank still holds a slot: the next persist waits
+                with self.lock:
+                    state = self.ranks.get(header["rank"])
+                    return {"busy": bool(state and any(s.pinned for s in state.slots))}, None
             if op == "persist_status":
                 with self.lock:
                     return dict(self.persist_results.get((header["rank"], header["step"]), {"done": False,
@@ -304,6 +316,8 @@ class Keeper:
             json.dump(info, f)
         os.replace(path + ".tmp", path)
         threading.Thread(target=self._persist_worker, daemon=True).start()
+        # torch (for parity and persistence) loads while the run warms up, not on its first checkpoint
+        threading.Thread(target=__import__, args=("torch",), daemon=True).start()
         try:
             while True:
                 try:

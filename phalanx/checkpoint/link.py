@@ -85,6 +85,11 @@ def _try_connect(path: str, secret: bytes, timeout: float) -> Optional[KeeperCli
         return None
 
 
+def find_keeper(run_id: str, secret: bytes, node: int, keeper_dir: str, timeout: float) -> Optional[KeeperClient]:
+    """A connection to the node's keeper if one is running (never starts one)."""
+    return _try_connect(discovery_file(keeper_dir, run_id, node), secret, timeout)
+
+
 def connect_keeper(run_dir: str, run_id: str, secret: bytes, node: int, host: str, keeper_dir: str,
                    linger_s: float, timeout: float) -> KeeperClient:
     """A connection to the node's keeper, starting one (detached) if none answers."""

@@ -245,7 +245,8 @@ class CheckpointStore:
         self.fs.makedirs(self._file(step, ".results"), exist_ok=True)
         self.fs.pipe_file(self._file(step, f".results/rank-{rank}.json"), record)
 
-    def finalize(self, step: int, world_size: int, timeout_s: float, keep_last: int, info: dict[str, Any]) -> str:
+    def finalize(self, step: int, world_size: int, timeout_s: float, keep_last: int, info: dict[str, Any],
+                 in_flight: Callable[[], set[int]] = set) -> str:
         """Once every rank's results are in: `.metadata`, then the manifest (the commit), then retention."""
         if self.manifest(step) is not None:
             return self.path(step)
@@ -289,10 +290,12 @@ class CheckpointStore:
         self.fs.pipe_file(self._file(step, MANIFEST + ".tmp"), json.dumps(manifest, indent=1).encode())
         self.fs.mv(self._file(step, MANIFEST + ".tmp"), self._file(step, MANIFEST))
         self.fs.rm(self._file(step, ".results"), recursive=True)
-        self.apply_retention(keep_last)
+        self.apply_retention(keep_last, in_flight())
         return self.path(step)
 
-    def apply_retention(self, keep_last: int) -> None:
+    def apply_retention(self, keep_last: int, in_flight: set[int] = frozenset()) -> None:
+        """Keep the newest `keep_last` complete checkpoints; drop torn folders older than the newest
+        complete one, except those still being written (`in_flight`)."""
         if keep_last <= 0:
             return
         complete = self.committed_steps()
@@ -300,7 +303,7 @@ class CheckpointStore:
             self.fs.rm(self.path(old), recursive=True)
         if complete:  # torn folders older than the newest complete one are dead
             for step in self.step_dirs():
-                if step < complete[-1] and step not in complete:
+                if step < complete[-1] and step not in complete and step not in in_flight:
                     self.fs.rm(self.path(step), recursive=True)
 
     # ---- loading (in the trainer) -------------------------------------------------------------

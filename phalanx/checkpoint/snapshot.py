@@ -31,7 +31,7 @@ import torch.distributed as dist
 from phalanx.checkpoint.erasure import ErasureCodec
 from phalanx.checkpoint.flat import FlatLayout, encode_values, flatten_state_dict, local_chunk, mapping_json
 from phalanx.checkpoint.groups import ErasureGroup, erasure_groups
-from phalanx.checkpoint.link import connect_keeper, default_keeper_dir, keeper_host, run_identity
+from phalanx.checkpoint.link import connect_keeper, default_keeper_dir, find_keeper, keeper_host, run_identity
 from phalanx.checkpoint.persistent import CheckpointStore, persist_plan
 from phalanx.checkpoint.wire import KeeperClient, WireError
 from phalanx.errors import PhalanxError
@@ -67,6 +67,7 @@ class SnapshotEngine:
         self._cache: Optional[dict[str, Any]] = None
         self._snapshots = 0
         self._reserved: dict[int, int] = {}  # step -> keeper slot begun for it in advance
+        self._started = False  # keepers started and addresses exchanged (at the first snapshot)
         self.rank_local_keys, self.event = rank_local_keys, event
         self.timeout = cfg.fault.collective_timeout_s
         self.group = None
@@ -131,17 +132,37 @@ class SnapshotEngine:
                                             layouts]).encode())
         self.fingerprint = digest.hexdigest()[:16]
         plan["fingerprint"] = self.fingerprint
+        self._plan = plan
         self._cache = self._cache_sources(state)
-        self._attach(plan)
-        self.addresses = {n: tuple(a) for n, a in dict(self._all_gather((self.node, self._address()))).items()}
+        # A keeper left by an earlier launch holds its memory: attach now, for restore. Otherwise
+        # the keeper starts with the first snapshot (a trainer that never snapshots never starts one).
+        self.keeper = find_keeper(self.run_id, self.secret, self.node, self.keeper_dir, self.timeout)
+        if self.keeper is not None:
+            self._attach(plan)
+        self._gather_addresses()
+
+    def _gather_addresses(self) -> None:
+        """Every node's keeper address (collective)."""
+        mine = self._address() if self.keeper is not None else None
+        self.addresses = {n: tuple(a) for n, a in self._all_gather((self.node, mine)) if a is not None}
+
+    def _ensure_keepers(self) -> None:
+        """Before the first snapshot (every rank at once): a keeper on every node, and their addresses."""
+        if self._started:
+            return
+        if self.keeper is None:
+            self._attach(self._plan)
+        self._gather_addresses()
+        self._started = True
 
     def _address(self) -> tuple[str, int]:
         host, port = self.keeper.address.rsplit(":", 1)
         return host, int(port)
 
     def _attach(self, plan: dict[str, Any]) -> None:
-        self.keeper = connect_keeper(self.run_dir, self.run_id, self.secret, self.node, self.host, self.keeper_dir,
-                                     self.cfg.keeper_linger_s, self.timeout)
+        if self.keeper is None:
+            self.keeper = connect_keeper(self.run_dir, self.run_id, self.secret, self.node, self.host,
+                                         self.keeper_dir, self.cfg.keeper_linger_s, self.timeout)
         reply, _ = self.keeper.call("register", rank=self.ctx.rank, nbytes=self.layout.nbytes, plan=plan)
         for old in self._maps:
             old.close()
@@ -220,6 +241,7 @@ class SnapshotEngine:
         """Start the snapshot of the state after step `step`; returns once copies are launched."""
         start = time.perf_counter()
         self.finish()
+        self._ensure_keepers()
         try:
             slot = self._reserved.pop(step, None)
             if slot is None:
@@ -275,15 +297,20 @@ class SnapshotEngine:
                 self._send_parity(step, self.blocks[slot])
         except (WireError, PhalanxError) as err:
             ok, self.last_error = False, str(err)
-        done = torch.tensor([step if ok else -1], dtype=torch.int64)
+        # One all-reduce commits the step (complete on every rank) and, for a persist step, asks whether
+        # any keeper is still writing the last one: then this step is not persisted (a lazy tier backs off).
+        busy = persist and ok and self._persist_busy()
+        done = torch.tensor([step if ok else -1, -1 if busy else 0], dtype=torch.int64)
         if self.group is not None:
             dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
-        if int(done) != step:
+        if int(done[0]) != step:
             self.event("snapshot_failed", step=step, rank=self.ctx.rank, error=self.last_error)
             return
         self.committed = step
-        if persist:
+        if persist and int(done[1]) == 0:
             self._request_persist(step)
+        elif persist and self.ctx.is_main:
+            self.event("persist_skipped", step=step, reason="the previous persistent checkpoint is still being written")
         if self.cfg.snapshot_every:  # the next snapshot's slot, reserved off the training thread
             upcoming = step + self.cfg.snapshot_every
             try:
@@ -310,9 +337,17 @@ class SnapshotEngine:
 
     def _lost(self, step: int, err: Exception) -> None:
         self.event("keeper_lost", step=step, rank=self.ctx.rank, node=self.node, error=str(err))
+        self.keeper.close()
+        self.keeper = None
         self._attach(self._plan)
 
     # ---- persistence ---------------------------------------------------------------------
+
+    def _persist_busy(self) -> bool:
+        try:
+            return bool(self._call("persist_busy", rank=self.ctx.rank)["busy"])
+        except WireError:
+            return True
 
     def _request_persist(self, step: int) -> None:
         if step in self.persist_requested:
@@ -326,11 +361,17 @@ class SnapshotEngine:
         """Snapshot `step` if needed, persist it, wait until this rank's part (rank 0: the manifest) is
         written; returns the checkpoint path on rank 0. Collective."""
         if self.finish() != step:
-            self.snapshot(step, persist=True)
-            self.finish()
-        else:
-            self._request_persist(step)
+            self.snapshot(step)
+            if self.finish() != step:
+                raise PhalanxError(f"the snapshot of step {step} did not commit ({self.last_error}); see events.jsonl")
         deadline = time.monotonic() + self.timeout
+        while step not in self.persist_requested and self._persist_busy():  # an earlier write finishes first
+            if time.monotonic() > deadline:
+                raise PhalanxError(f"an earlier persistent write did not finish within {self.timeout:.0f}s")
+            time.sleep(0.02)
+        if self.group is not None:  # every rank's keeper is free before any is asked
+            dist.barrier(group=self.group)
+        self._request_persist(step)
         while time.monotonic() < deadline:
             status = self._call("persist_status", rank=self.ctx.rank, step=step)
             if status.get("done"):
@@ -370,6 +411,8 @@ class SnapshotEngine:
         self.event("checkpoint_skipped", step=step, problem=problem)
 
     def _inventory(self) -> dict[str, Any]:
+        if self.keeper is None:
+            return {"node": self.node, "data": {}, "parity": []}
         inventory = self._call("inventory")
         data = {int(r): {step: slot for step, slot in held["steps"]} for r, held in inventory["data"].items()
                 if held["fp"] == self.fingerprint}

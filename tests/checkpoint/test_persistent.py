@@ -37,22 +37,28 @@ def make_trainer(run_root: Path, *extra: str) -> Trainer:
 
 def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
     first = make_trainer(tmp_path, "train.steps=6", "checkpoint.persist_every=2")
-    first.fit()  # persists 2, 4, 6; the run's end lets its keeper go, so only storage remains
+    first.fit()  # persists every 2 steps (one is skipped while the last write runs) and step 6 at the end
     root = Path(first.run_dir) / "checkpoints"
+    store = CheckpointStore(str(root))
+    *_, previous, newest = store.committed_steps()
+    assert newest == 6
+    try:  # the keeper may still be winding down: memory gone, only storage remains
+        psutil.Process(keeper_pid(Path(first.run_dir), 0)).kill()
+    except (OSError, psutil.Error):
+        pass
     shard = root / "step-6" / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    store = CheckpointStore(str(root))
-    assert store.verify(4) == [] and any("__0_0.distcp" in p for p in store.verify(6))
+    assert store.verify(previous) == [] and any("__0_0.distcp" in p for p in store.verify(6))
 
     resumed = make_trainer(tmp_path, "train.steps=8", "checkpoint.persist_every=2")
     with pytest.warns(UserWarning, match="step-6 skipped"):
-        assert resumed.restore() == 4
+        assert resumed.restore() == previous
     skipped = [e for e in events(resumed.run_dir) if e["event"] == "checkpoint_skipped"]
     assert skipped[-1]["step"] == 6 and str(shard) in skipped[-1]["problem"], skipped
     restore = [e for e in events(resumed.run_dir) if e["event"] == "restore"][-1]
-    assert restore["restored_from"] == "storage" and restore["step"] == 4, restore
+    assert restore["restored_from"] == "storage" and restore["step"] == previous, restore
     resumed.snapshots.close(release=True)
 
 
@@ -72,6 +78,10 @@ def test_sigkill_during_persistence_never_leaves_a_valid_looking_torn_checkpoint
             done = max([m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
                        if (run_dir / "metrics.jsonl").exists() else [0])
             wait_for_step(run_dir, done + 3, launcher)
+            store = CheckpointStore(str(run_dir / "checkpoints"))
+            deadline = time.monotonic() + 120
+            while attempt == 0 and not store.committed_steps() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the first attempt lets one checkpoint complete; then kills land mid-write
             time.sleep(rng.uniform(0.0, 0.4))
             keeper = psutil.Process(keeper_pid(run_dir, 0))
             keeper.kill()  # the writer dies mid-write, most likely
