@@ -67,6 +67,7 @@ class SnapshotEngine:
         self._cache: Optional[dict[str, Any]] = None
         self._snapshots = 0
         self._reserved: dict[int, int] = {}  # step -> keeper slot begun for it in advance
+        self._slot_views: dict[int, list[torch.Tensor]] = {}
         self._started = False  # keepers started and addresses exchanged (at the first snapshot)
         self.rank_local_keys, self.event = rank_local_keys, event
         self.timeout = cfg.fault.collective_timeout_s
@@ -166,7 +167,7 @@ class SnapshotEngine:
         reply, _ = self.keeper.call("register", rank=self.ctx.rank, nbytes=self.layout.nbytes, plan=plan)
         for old in self._maps:
             old.close()
-        self._maps, self.blocks = [], []
+        self._maps, self.blocks, self._slot_views = [], [], {}
         for path in reply["paths"]:
             with open(path, "r+b") as f:
                 self._maps.append(mmap.mmap(f.fileno(), self.layout.nbytes))
@@ -216,8 +217,10 @@ class SnapshotEngine:
         if self.light_fn is not None:
             self._cache = self._cache_sources(self.state_fn())
 
-    def _sources(self, block: torch.Tensor) -> list[torch.Tensor]:
-        """Write this snapshot's skeleton into `block`; the tensors to copy after it."""
+    def _sources(self, block: torch.Tensor) -> tuple[list[torch.Tensor], Optional[Callable[[], None]]]:
+        """(tensors to copy into `block`, the skeleton writer for the background worker, or None when the
+        skeleton is already written). With cached sources the training thread only captures the
+        changing values (`light_fn()`); encoding them is left to the worker."""
         self._snapshots += 1
         if self._cache is not None and self._snapshots % 100 == 0:  # re-check the in-place assumption
             self._cache = self._cache_sources(self.state_fn())
@@ -227,15 +230,23 @@ class SnapshotEngine:
                 raise PhalanxError("the trainer state changed shape between steps; snapshots need a fixed layout "
                                    "(a strategy that adds state lazily must create it before the first step)")
             self.layout.write_skeleton(block, state)
-            return self.layout.tensors(state)
+            return self.layout.tensors(state), None
         light, _ = flatten_state_dict(self.light_fn())
-        values = {**self._cache["values"], **encode_values(light)}
-        self.layout.write_skeleton_bytes(block, b'{"values":' + json.dumps(values, separators=(",", ":")).encode()
-                                         + b',"mapping":' + self._cache["mapping"] + b"}")
         sources = list(self._cache["sources"])
         for fqn, i in self._cache["volatile"].items():
             sources[i] = local_chunk(light[fqn])[0]
-        return sources
+
+        def write_skeleton() -> None:
+            values = {**self._cache["values"], **encode_values(light)}
+            self.layout.write_skeleton_bytes(block, b'{"values":' + json.dumps(values, separators=(",", ":")).encode()
+                                             + b',"mapping":' + self._cache["mapping"] + b"}")
+
+        return sources, write_skeleton
+
+    def _views(self, slot: int) -> list[torch.Tensor]:
+        if slot not in self._slot_views:
+            self._slot_views[slot] = self.layout.views(self.blocks[slot])
+        return self._slot_views[slot]
 
     def snapshot(self, step: int, persist: bool = False) -> None:
         """Start the snapshot of the state after step `step`; returns once copies are launched."""
@@ -249,8 +260,7 @@ class SnapshotEngine:
         except WireError as err:  # the keeper died: start another one; this step's snapshot is lost
             self._lost(step, err)
             return
-        block = self.blocks[slot]
-        sources, views = self._sources(block), self.layout.views(block)
+        (sources, write_skeleton), views = self._sources(self.blocks[slot]), self._views(slot)
         self.copied.clear()
         copy_done = None
         if self.ctx.device.type == "cuda":
@@ -261,7 +271,7 @@ class SnapshotEngine:
                     view.copy_(source.detach(), non_blocking=True)
                 copy_done = torch.cuda.Event()
                 copy_done.record(stream)
-        self.job = self.worker.submit(self._complete, step, slot, sources, views, copy_done, persist)
+        self.job = self.worker.submit(self._complete, step, slot, sources, views, copy_done, persist, write_skeleton)
         self.stall_s += time.perf_counter() - start
 
     def wait_copied(self) -> None:
@@ -281,9 +291,11 @@ class SnapshotEngine:
         return self.committed
 
     def _complete(self, step: int, slot: int, sources: list[torch.Tensor], views: list[torch.Tensor],
-                  copy_done: Optional[Any], persist: bool) -> None:
+                  copy_done: Optional[Any], persist: bool, write_skeleton: Optional[Callable[[], None]]) -> None:
         ok = True
         try:
+            if write_skeleton is not None:
+                write_skeleton()
             if copy_done is not None:
                 copy_done.synchronize()
             else:
