@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    MetadataIndex, StorageMeta, TensorProperties,
                                                    TensorStorageMetadata)
 
-from phalanx.checkpoint.flat import FlatLayout, flatten_state_dict, read_skeleton_values, to_dtype
+from phalanx.checkpoint.flat import FlatLayout, _decode, flatten_state_dict, read_skeleton_values, to_dtype
 from phalanx.errors import PhalanxError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -201,7 +201,10 @@ class CheckpointStore:
         views = layout.views(data)
         length = int.from_bytes(bytes(block[:8]), "little")
         raw = json.loads(bytes(block[8: 8 + length]))
-        values, _ = read_skeleton_values(bytes(block[8: 8 + length]))
+        # Only the shared values this rank writes are decoded; rank-local ones travel as their JSON, and
+        # an object JSON cannot hold (a loss scaler) comes from the loading trainer, so it is not written.
+        values = {fqn: _decode(raw["values"][fqn]) for fqn in plan["write_values"]
+                  if not (isinstance(raw["values"][fqn], dict) and "__template__" in raw["values"][fqn])}
         self.fs.makedirs(self.path(step), exist_ok=True)
         items, files = [], {}
         name = f"__{rank}_0.distcp"
@@ -223,7 +226,7 @@ class CheckpointStore:
                               "dtype": leaf.dtype, "size": leaf.global_shape,
                               "offsets": leaf.global_offset, "lengths": leaf.shape, "file": name,
                               "offset": offset, "length": size})
-            for fqn in plan["write_values"]:
+            for fqn in [f for f in plan["write_values"] if f in values]:
                 buffer = io.BytesIO()
                 torch.save(values[fqn], buffer)
                 offset, size = put(buffer)

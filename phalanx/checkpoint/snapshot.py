@@ -40,6 +40,15 @@ from phalanx.launch.dist import DistContext
 StateFn = Callable[[], dict[str, Any]]
 
 
+def checkpoint_group(ctx: DistContext, timeout_s: float) -> Optional[Any]:
+    """The checkpoint's gloo group. Made before any back end builds its own groups: created after
+    DeepSpeed's initialize, it changed ZeRO-2's second-step loss on 2 gloo ranks (reproduced, not
+    yet explained)."""
+    if not ctx.distributed:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def node_ids(ctx: DistContext, simulate: int, group: Optional[Any]) -> list[int]:
     """Node index of every rank: `simulate` nodes in contiguous rank blocks, else the launcher's
     (PHALANX_NODE, set by the Ray controller), else by host name."""
@@ -61,7 +70,8 @@ class SnapshotEngine:
     """One per rank. Collective methods (setup, restore, close) are called by every rank together."""
 
     def __init__(self, cfg: Any, ctx: DistContext, run_dir: str, state_fn: StateFn,
-                 rank_local_keys: tuple[str, ...], event: Callable[..., None], light_fn: Optional[StateFn] = None):
+                 rank_local_keys: tuple[str, ...], event: Callable[..., None], light_fn: Optional[StateFn] = None,
+                 group: Optional[Any] = None):
         self.cfg, self.ctx, self.run_dir, self.state_fn = cfg.checkpoint, ctx, run_dir, state_fn
         self.light_fn = light_fn  # the cheap, changing part of the state (see _cache_sources)
         self._cache: Optional[dict[str, Any]] = None
@@ -71,9 +81,7 @@ class SnapshotEngine:
         self._started = False  # keepers started and addresses exchanged (at the first snapshot)
         self.rank_local_keys, self.event = rank_local_keys, event
         self.timeout = cfg.fault.collective_timeout_s
-        self.group = None
-        if ctx.distributed:  # the checkpoint's own group: commits and plans never queue behind training
-            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
+        self.group = group  # the checkpoint's own gloo group: commits and plans never queue behind training
         identity = (*run_identity(run_dir), os.urandom(8).hex()) if ctx.is_main else None
         self.run_id, self.secret, self.epoch = self._broadcast(identity)  # epoch: this launch
         self.nodes = node_ids(ctx, self.cfg.simulate_nodes, self.group)
@@ -121,9 +129,27 @@ class SnapshotEngine:
 
     # ---- setup ---------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Measure the state layout, attach to the keeper, agree on the persistence plan (collective)."""
-        state = self.state_fn()
+    def setup(self, measure: bool = True) -> None:
+        """Measure the state layout, attach to the keeper, agree on the persistence plan (collective).
+        `measure=False` defers the state measurement to the first snapshot or memory restore (a back end
+        whose state_dict() must not be taken before training starts)."""
+        # A keeper left by an earlier launch holds its memory: attach now, for restore. Otherwise
+        # the keeper starts with the first snapshot (a trainer that never snapshots never starts one).
+        self.keeper = find_keeper(self.run_id, self.secret, self.node, self.keeper_dir, self.timeout)
+        if measure:
+            self._ensure_measured()
+        self._gather_addresses()
+
+    def _ensure_measured(self) -> None:
+        """The layout is known and this rank registered with its keeper, if any (collective)."""
+        if self.layout is not None:
+            return
+        self._measure(self.state_fn())
+        if self.keeper is not None:
+            self._attach(self._plan)
+
+    def _measure(self, state: dict[str, Any]) -> None:
+        """The layout, persistence plan and fingerprint of `state` (collective)."""
         self.layout = FlatLayout.of(state)
         plan = persist_plan(state, self.layout, self.rank_local_keys, self.ctx.rank, self._all_gather)
         layouts = self._all_gather([self.layout.nbytes, json.dumps(self.layout.to_json(), sort_keys=True)])
@@ -135,12 +161,6 @@ class SnapshotEngine:
         plan["fingerprint"] = self.fingerprint
         self._plan = plan
         self._cache = self._cache_sources(state)
-        # A keeper left by an earlier launch holds its memory: attach now, for restore. Otherwise
-        # the keeper starts with the first snapshot (a trainer that never snapshots never starts one).
-        self.keeper = find_keeper(self.run_id, self.secret, self.node, self.keeper_dir, self.timeout)
-        if self.keeper is not None:
-            self._attach(plan)
-        self._gather_addresses()
 
     def _gather_addresses(self) -> None:
         """Every node's keeper address (collective)."""
@@ -217,7 +237,24 @@ class SnapshotEngine:
         if self.light_fn is not None:
             self._cache = self._cache_sources(self.state_fn())
 
-    def _sources(self, block: torch.Tensor) -> tuple[list[torch.Tensor], Optional[Callable[[], None]]]:
+    def _relayout_if_grown(self) -> Optional[dict[str, Any]]:
+        """Without cached sources, the state of this snapshot — measured again, on every rank at once,
+        when any rank's grew (DeepSpeed creates its optimizer moments at the first step)."""
+        if self._cache is not None:
+            return None
+        state = self.state_fn()
+        grown = torch.tensor([0 if self.layout.matches(state) else 1])
+        if self.group is not None:  # the worker is idle here (finish() ran): the group is free
+            dist.all_reduce(grown, op=dist.ReduceOp.MAX, group=self.group)
+        if int(grown):
+            self._measure(state)
+            self._reserved = {}
+            if self.keeper is not None:
+                self._attach(self._plan)  # the keeper makes slots of the new size
+        return state
+
+    def _sources(self, block: torch.Tensor, state: Optional[dict[str, Any]] = None
+                 ) -> tuple[list[torch.Tensor], Optional[Callable[[], None]]]:
         """(tensors to copy into `block`, the skeleton writer for the background worker, or None when the
         skeleton is already written). With cached sources the training thread only captures the
         changing values (`light_fn()`); encoding them is left to the worker."""
@@ -225,7 +262,7 @@ class SnapshotEngine:
         if self._cache is not None and self._snapshots % 100 == 0:  # re-check the in-place assumption
             self._cache = self._cache_sources(self.state_fn())
         if self._cache is None:
-            state = self.state_fn()
+            state = state if state is not None else self.state_fn()
             if not self.layout.matches(state):
                 raise PhalanxError("the trainer state changed shape between steps; snapshots need a fixed layout "
                                    "(a strategy that adds state lazily must create it before the first step)")
@@ -252,7 +289,9 @@ class SnapshotEngine:
         """Start the snapshot of the state after step `step`; returns once copies are launched."""
         start = time.perf_counter()
         self.finish()
+        self._ensure_measured()
         self._ensure_keepers()
+        state = self._relayout_if_grown()
         try:
             slot = self._reserved.pop(step, None)
             if slot is None:
@@ -260,7 +299,7 @@ class SnapshotEngine:
         except WireError as err:  # the keeper died: start another one; this step's snapshot is lost
             self._lost(step, err)
             return
-        (sources, write_skeleton), views = self._sources(self.blocks[slot]), self._views(slot)
+        (sources, write_skeleton), views = self._sources(self.blocks[slot], state), self._views(slot)
         self.copied.clear()
         copy_done = None
         if self.ctx.device.type == "cuda":
@@ -397,6 +436,8 @@ class SnapshotEngine:
 
     def restore(self, template_fn: StateFn) -> tuple[Optional[dict[str, Any]], Optional[int], dict[str, Any]]:
         """(state, step, info): the newest usable state, from memory if any, else storage. Collective."""
+        if self.layout is None and any(self._all_gather(self.keeper is not None)):
+            self._ensure_measured()  # some keeper may hold this run's memory: its blocks need the layout
         inventory = self._inventory()
         everyone = self._all_gather(inventory)
         step, sources = self._newest_in_memory(everyone)
@@ -423,7 +464,7 @@ class SnapshotEngine:
         self.event("checkpoint_skipped", step=step, problem=problem)
 
     def _inventory(self) -> dict[str, Any]:
-        if self.keeper is None:
+        if self.keeper is None or self.layout is None:
             return {"node": self.node, "data": {}, "parity": []}
         inventory = self._call("inventory")
         data = {int(r): {step: slot for step, slot in held["steps"]} for r, held in inventory["data"].items()

@@ -33,6 +33,7 @@ class TorchDataParallel:
     """Shared by the torch back ends: a torch optimizer stepped by the trainer, DCP-native state."""
 
     on_meta = False  # True: wraps the meta model, before materialisation
+    snapshots_every_step = True  # False: its state_dict() may not be taken between steps (see zero.py)
 
     @staticmethod
     def validate(dims: Any, cfg: Any) -> None:

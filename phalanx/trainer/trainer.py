@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phalanx.checkpoint.snapshot import SnapshotEngine
+from phalanx.checkpoint.snapshot import checkpoint_group as snapshot_group
 from phalanx.config import PhalanxConfig
 from phalanx.data import DataPosition, build_dataset
 from phalanx.launch import health
@@ -76,6 +77,7 @@ class Trainer:
         np.random.seed(cfg.run.seed % 2**32)
         random.seed(cfg.run.seed)
 
+        checkpoint_group = snapshot_group(ctx, cfg.fault.collective_timeout_s)  # before any back end's groups
         model = build_on_meta(cfg.model)
         self.n_params = model.num_params()
         self.sequence = None
@@ -128,8 +130,8 @@ class Trainer:
         # Snapshots: after every `snapshot_every` steps into this node's keeper; persisted by the keepers.
         self.snapshots = SnapshotEngine(cfg, ctx, run_dir, self.state_dict, rank_local,
                                         lambda kind, **fields: append_event(run_dir, kind, **fields),
-                                        light_fn=self.changing_state)
-        self.snapshots.setup()
+                                        light_fn=self.changing_state, group=checkpoint_group)
+        self.snapshots.setup(measure=data_parallel.snapshots_every_step)
         self.faults = FaultInjector(list(cfg.fault.inject), ctx.rank, run_dir)
 
     # ---- state ---------------------------------------------------------------------------
@@ -344,7 +346,8 @@ class Trainer:
                 # A stop request is agreed at logged steps only when distributed: the agreement is a collective.
                 stopping = self._agree_stop(stop.requested) if logged or not self.ctx.distributed else False
                 persist = bool(cfg.checkpoint.persist_every) and self.step % cfg.checkpoint.persist_every == 0
-                snapshot = bool(cfg.checkpoint.snapshot_every) and self.step % cfg.checkpoint.snapshot_every == 0
+                every = cfg.checkpoint.snapshot_every if self.data_parallel.snapshots_every_step else 0
+                snapshot = bool(every) and self.step % every == 0
                 if stopping:
                     self.save()
                 elif snapshot or persist:  # launches copies; the keepers persist
