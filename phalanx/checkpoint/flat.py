@@ -123,11 +123,8 @@ class FlatLayout:
                 leaves.append(LeafMeta(fqn, dtype_name(local.dtype), list(local.shape), offset, nbytes,
                                        global_shape, global_offset))
                 offset += -(-nbytes // ALIGN) * ALIGN
-        # The capacity must be the same whenever the same state is measured (a restarted trainer reads the
-        # blocks of the one before), so it depends on the key mapping — fixed for a run — not on the values,
-        # whose length moves with the step: the mapping twice over plus 1 MiB for values, in 64 KiB units.
-        fixed = len(mapping_json(state))
-        return cls(leaves, -(-(2 * fixed + (1 << 20)) // (64 * 1024)) * 64 * 1024)
+        skeleton = len(_skeleton_json(state, flat, _mapping(state)))
+        return cls(leaves, max(64 * 1024, -(-4 * skeleton // ALIGN) * ALIGN))
 
     def matches(self, state: dict[str, Any]) -> bool:
         flat, _ = flatten_state_dict(state)

@@ -234,7 +234,7 @@ class SnapshotEngine:
 
     def state_replaced(self) -> None:
         """After a load: optimizers load into new tensors, so the cached sources are found again."""
-        if self.light_fn is not None and self.layout is not None:  # else measured at the first snapshot
+        if self.light_fn is not None:
             self._cache = self._cache_sources(self.state_fn())
 
     def _relayout_if_grown(self) -> Optional[dict[str, Any]]:

@@ -131,10 +131,7 @@ class Trainer:
         self.snapshots = SnapshotEngine(cfg, ctx, run_dir, self.state_dict, rank_local,
                                         lambda kind, **fields: append_event(run_dir, kind, **fields),
                                         light_fn=self.changing_state, group=checkpoint_group)
-        # The state is measured at the first snapshot, after the first optimizer step: measuring it now would
-        # make torch's get_state_dict() initialise the optimizer with a zero-gradient step (AdamW's step
-        # counter at 1 before training), which changes the run.
-        self.snapshots.setup(measure=False)
+        self.snapshots.setup(measure=data_parallel.snapshots_every_step)
         self.faults = FaultInjector(list(cfg.fault.inject), ctx.rank, run_dir)
 
     # ---- state ---------------------------------------------------------------------------
