@@ -18,22 +18,11 @@ import torch.distributed.checkpoint as dcp
 
 from phalanx.checkpoint.persistent import CheckpointStore
 from phalanx.config import load_config, validate
-from phalanx.launch.dist import DistContext
 from phalanx.models import build_on_meta, materialize
-from phalanx.trainer import Trainer
-from phalanx.trainer.rundir import prepare_run_dir
 from tests.checkpoint.test_recovery import keeper_pid
+from tests.trainer.test_trainer import make_trainer
 from tests.helpers import (CONFIG, REPO, events, final_checkpoint, kill_tree, load_checkpoint, loopback_env, losses,
                            phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
-
-CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def make_trainer(run_root: Path, *extra: str) -> Trainer:
-    cfg = validate(load_config(CONFIG, run_overrides(run_root, *extra)))
-    run_dir, _ = prepare_run_dir(cfg)
-    return Trainer(cfg, CPU, run_dir)
-
 
 def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
     first = make_trainer(tmp_path, "train.steps=6", "checkpoint.persist_every=2")
