@@ -82,8 +82,22 @@ class TorchDataParallel:
 
     @staticmethod
     def state_dict(model: nn.Module, optimizer: Any) -> tuple[dict, dict]:
-        """(model, optimizer) state keyed by parameter name, sharded as DTensors where the model is."""
-        return get_state_dict(model, optimizer)
+        """(model, optimizer) state keyed by parameter name, sharded as DTensors where the model is.
+
+        Taken before the first step (the snapshot engine measures the state layout then), torch creates
+        the optimizer's state with a zero-learning-rate step: parameters and moments stay as they were,
+        but the step counters read 1. They are set back to 0 in place, so the first real step computes
+        exactly what a fresh optimizer computes (bias correction included)."""
+        fresh = not optimizer.state
+        model_state, optim_state = get_state_dict(model, optimizer)
+        if fresh:
+            for state in optimizer.state.values():
+                step = state.get("step")
+                if isinstance(step, torch.Tensor):
+                    step.zero_()
+                elif step is not None:
+                    state["step"] = 0
+        return model_state, optim_state
 
     @staticmethod
     def load_state_dict(model: nn.Module, optimizer: Any, model_state: dict, optim_state: dict) -> None:

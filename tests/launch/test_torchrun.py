@@ -63,17 +63,7 @@ def one_process(tmp_path_factory):
     return curve
 
 
-# Known, understood, not yet fixed: the snapshot engine measures the trainer state before training, and torch's
-# get_state_dict() initialises AdamW then with a zero-gradient step (step counter 1 before the first real step).
-# Every non-ZeRO run shifts the same way, so their parity holds; ZeRO's optimizer is DeepSpeed's and does not,
-# so its curve leaves one process's at step 2 (ZeRO-2 dp2: 5.4274 vs 5.4614). Measuring at the first snapshot
-# instead fixed this but broke bitwise Ray recovery (reverted, f6769dd); strict, so the marker goes with the fix.
-ZERO_REGRESSION = pytest.mark.xfail(strict=True, reason="the state is measured before training: AdamW is "
-                                                        "initialised by get_state_dict, DeepSpeed's optimizer is not")
-
-
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=ZERO_REGRESSION) if "zero" in name else name
-                                    for name in LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_loss_curve_matches_one_process(layout, one_process, tmp_path):
     nproc, extra = LAYOUTS[layout]
     one_process = one_process(tuple(o for o in extra if o.startswith("model.")))
