@@ -1,11 +1,40 @@
-"""`phalanx report RUN_DIR`: a loss plot (PNG) and a summary from metrics.jsonl and events.jsonl."""
+"""`phalanx report RUN_DIR`: loss and throughput curves with failure and recovery marks (PNG), a
+summary and the recovery table, from metrics.jsonl and events.jsonl.
+
+Where a mark goes: an injected fault at the step its victim had finished; a failure at the newest
+step reached before it (the restored step plus the steps lost, both in its `recovery` event); training
+resumed at the restored step (the next logged step is the first after recovery). Plain relaunches
+(`resume` without a controller's failure) and stop requests (`interrupted`) are marked too.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from phalanx.errors import PhalanxError
+
+PLOT = "loss.png"  # loss and throughput, side by side (README names it)
+# kind -> (colour, line style, line width, legend). Marks often share a step (a kill at step 8 is detected
+# at 8 and resumed from 8): the wide pale green line shows under the thin red ones.
+STYLES = {
+    "recovered": ("tab:green", "-", 4.0, "resumed after recovery"),
+    "failure": ("tab:red", "-", 1.3, "failure detected"),
+    "fault": ("black", "--", 1.0, "fault injected"),
+    "interrupted": ("grey", ":", 1.3, "stopped by signal"),
+    "resumed": ("tab:blue", "-.", 1.3, "relaunched (resume)"),
+}
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A vertical line on the curves: at `step`, of `kind` (a key of STYLES), with a short label."""
+
+    step: int
+    kind: str
+    label: str
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -21,41 +50,139 @@ def step_metrics(run_dir: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def report(run_dir: str) -> str:
-    metrics = step_metrics(run_dir)
-    if not metrics:
-        raise PhalanxError(f"'{run_dir}' has no metrics.jsonl with steps; pass a run directory such as runs/tiny")
-    import matplotlib
+def _recovery_of(failure: dict, events: list[dict]) -> Optional[dict]:
+    """The `recovery` event that answers `failure` (same detection instant), if the run recovered."""
+    return next((e for e in events if e["event"] == "recovery" and e["time"] >= failure["time"]
+                 and e.get("detected_at") == failure.get("detected_at")), None)
 
+
+def _step_before(events: list[dict], when: float) -> Optional[int]:
+    """The newest step any event recorded up to `when` (a failure that was never recovered)."""
+    steps = [e["step"] for e in events if e["time"] <= when and isinstance(e.get("step"), int)]
+    return max(steps) if steps else None
+
+
+def marks(events: list[dict]) -> list[Mark]:
+    """Failure and recovery marks of a run's events, in time order."""
+    out: list[Mark] = []
+    windows: list[tuple[float, float]] = []  # (failure, recovery) times: the trainers' resume inside is the recovery
+    for event in events:
+        kind = event["event"]
+        if kind == "fault_injected":
+            label = (f"node {event['node']} lost" if event.get("kind") == "node"
+                     else f"{event.get('kind', 'fault')} rank {event.get('rank')}")
+            out.append(Mark(event["step"], "fault", label))
+        elif kind == "failure":
+            recovery = _recovery_of(event, events)
+            ranks = ",".join(map(str, event["ranks"]))
+            if recovery is not None:
+                windows.append((event["time"], recovery["time"]))
+                out.append(Mark(recovery["step"] + recovery["steps_lost"], "failure",
+                                f"{event['cause']} (rank {ranks})"))
+                out.append(Mark(recovery["step"], "recovered",
+                                f"from {recovery['restored_from']}, {recovery['downtime_s']:.1f}s down"))
+            else:
+                windows.append((event["time"], float("inf")))
+                step = _step_before(events, event["time"])
+                if step is not None:
+                    out.append(Mark(step, "failure", f"{event['cause']} (rank {ranks}), not recovered"))
+        elif kind == "interrupted":
+            out.append(Mark(event["step"], "interrupted", "stopped"))
+        elif kind == "resume" and not any(start <= event["time"] <= end for start, end in windows):
+            out.append(Mark(event["step"], "resumed", f"resumed at step {event['step']}"))
+    return out
+
+
+def recovery_table(events: list[dict]) -> list[str]:
+    """One row per recovery (and per failure the run did not recover from), columns aligned."""
+    header = ("cause", "ranks", "nodes", "restored from", "step", "steps lost", "downtime s", "detect s",
+              "restart s", "restore s", "first step s")
+    rows: list[tuple[str, ...]] = []
+    for event in events:
+        if event["event"] == "recovery":
+            rows.append((event["cause"], _ints(event["ranks"]), _ints(event["nodes"]), event["restored_from"],
+                         str(event["step"]), str(event["steps_lost"]),
+                         *(f"{event[k]:.2f}" for k in ("downtime_s", "detect_s", "restart_s", "restore_s",
+                                                       "first_step_s"))))
+        elif event["event"] == "failure" and _recovery_of(event, events) is None:
+            rows.append((event["cause"], _ints(event["ranks"]), _ints(event["nodes"]), "not recovered",
+                         *("-" for _ in header[4:])))
+    if not rows:
+        return ["recoveries: none"]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    line = lambda cells: "  " + " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    lines = [f"recoveries: {sum(e['event'] == 'recovery' for e in events)}", line(header),
+             "  " + "-+-".join("-" * w for w in widths)]
+    lines += [line(r) for r in rows]
+    lines += [f"  gave up: {e['message']}" for e in events if e["event"] == "gave_up"]
+    return lines
+
+
+def _ints(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def plot(run_dir: str, metrics: list[dict], run_marks: list[Mark]) -> str:
+    """Loss and throughput against step, every mark on both; returns the PNG's path."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PhalanxError("phalanx report draws with matplotlib, which is not installed; "
+                           "install it with `pip install matplotlib` (a dependency of phalanx)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     steps = [m["step"] for m in metrics]
-    fig, (ax_loss, ax_tput) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax_loss.plot(steps, [m["loss"] for m in metrics], label="train")
     val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
     if val:
         ax_loss.plot(*zip(*val), "o-", label="validation")
-    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
-    for event in events:
-        if event["event"] in ("resume", "interrupted"):
-            ax_loss.axvline(event["step"], color="grey", linestyle=":", linewidth=1)
-    ax_loss.set(xlabel="step", ylabel="loss", title=f"{os.path.basename(run_dir.rstrip('/'))}: loss")
-    ax_loss.legend()
-    ax_tput.plot(steps, [m["tokens_per_s"] for m in metrics])
-    ax_tput.set(xlabel="step", ylabel="tokens/s", title="throughput")
-    fig.tight_layout()
-    out = os.path.join(run_dir, "loss.png")
+    ax_tput.plot(steps, [m["tokens_per_s"] for m in metrics], ".-", label="tokens/s")
+    for ax in (ax_loss, ax_tput):
+        for mark in run_marks:
+            colour, style, width, _ = STYLES[mark.kind]
+            ax.axvline(mark.step, color=colour, linestyle=style, linewidth=width, alpha=0.5 if width > 2 else 1.0,
+                       zorder=1 if width > 2 else 3)
+    for i, mark in enumerate(run_marks):  # labels on the loss plot, staggered so equal steps stay readable
+        ax_loss.annotate(mark.label, (mark.step, 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(3, -12 - 11 * (i % 4)), textcoords="offset points", fontsize=7,
+                         color=STYLES[mark.kind][0])
+    name = os.path.basename(run_dir.rstrip("/"))
+    ax_loss.set(xlabel="step", ylabel="loss", title=f"{name}: loss")
+    ax_tput.set(xlabel="step", ylabel="tokens/s", title=f"{name}: throughput")
+    kinds = [k for k in STYLES if any(m.kind == k for m in run_marks)]
+    handles = [*ax_loss.get_lines()[:1 + bool(val)], *ax_tput.get_lines()[:1],
+               *(Line2D([], [], color=STYLES[k][0], linestyle=STYLES[k][1], linewidth=min(STYLES[k][2], 2.5))
+                 for k in kinds)]
+    labels = ["train loss", *(["validation loss"] if val else []), "tokens/s", *(STYLES[k][3] for k in kinds)]
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    out = os.path.join(run_dir, PLOT)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
+
+
+def report(run_dir: str) -> str:
+    """Draws the plot into the run directory; returns the summary and the recovery table."""
+    metrics = step_metrics(run_dir)
+    if not metrics:
+        raise PhalanxError(f"'{run_dir}' has no metrics.jsonl with steps; pass a run directory such as runs/tiny")
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    run_marks = marks(events)
+    out = plot(run_dir, metrics, run_marks)
 
     first, last = metrics[0], metrics[-1]
     resumes = sum(e["event"] == "resume" for e in events)
+    failures = sum(e["event"] == "failure" for e in events)
     lines = [
         f"run {run_dir}: {len(metrics)} steps logged, last step {last['step']}",
         f"loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}), "
         f"{last['loss'] / first['loss'] * 100:.1f}% of the first",
-        f"throughput {last['tokens_per_s']:,.0f} tokens/s; resumes {resumes}",
+        f"throughput {last['tokens_per_s']:,.0f} tokens/s; resumes {resumes}; failures {failures}",
+        *recovery_table(events),
         f"plot: {out}",
     ]
     return "\n".join(lines)
