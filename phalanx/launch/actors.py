@@ -47,6 +47,14 @@ class TrainWorker:
 
         return main(argv)
 
+    def warm(self, env: dict[str, str]) -> None:
+        """A spare's imports, done before it replaces a failed rank (`standby.py`), with `run`'s environment."""
+        os.environ.update(env)
+        import phalanx.cli  # noqa: F401  (torch)
+        import phalanx.launch.dist  # noqa: F401
+        import phalanx.trainer  # noqa: F401
+        import phalanx.trainer.rundir  # noqa: F401
+
     def heartbeat(self) -> dict[str, Any]:
         from phalanx.launch import health
 

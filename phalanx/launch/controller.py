@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from phalanx.errors import PhalanxError
 from phalanx.launch.faults import fired, parse_injection
+from phalanx.launch.standby import Standby
 from phalanx.launch.watchdog import find_hang, find_stragglers
 from phalanx.trainer.trackers import append_event
 
@@ -45,6 +46,7 @@ class Controller:
         self.fault = cfg.fault
         self.node_index: dict[str, int] = {}
         self.keepers: dict[int, Any] = {}  # node index -> KeeperActor
+        self.standby = Standby()  # a warm spare worker per node replaces a failed rank
         self.node_injections = [i for i in map(parse_injection, cfg.fault.inject) if i.kind == "node"]
         self.straggling: set[int] = set()
         self.node_ids: list[str] = []  # Ray node of each rank in the current attempt
@@ -95,16 +97,14 @@ class Controller:
         """Keepers on every node, a worker in every bundle (survivors of the last attempt are reused:
         their processes have torch imported and cost no start), then every rank's `phalanx train`."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from phalanx.launch.actors import TrainWorker, node_index_of
+        from phalanx.launch.actors import node_index_of
 
         nodes = [node_index_of(n, self.node_index) for n in node_ids]
         self.node_ids = list(node_ids)
         for node_id, node in sorted(set(zip(node_ids, nodes)), key=lambda x: x[1]):
             self._keeper(node_id, node)
-        workers = [w if w is not None else TrainWorker.options(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote() for i, w in enumerate(workers)]
+        workers = self.standby.fill(workers, pg, node_ids)
         master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
         port = ray.get(workers[0].free_port.remote(), timeout=60)
         argv = ["train", self.config_path, *self.overrides, f"run.name={os.path.basename(self.run_dir)}",
@@ -333,6 +333,7 @@ class Controller:
         finally:
             for actor in [*workers, *self.keepers.values()]:
                 kill(actor)
+            self.standby.close()
             if pg is not None:
                 ray.util.remove_placement_group(pg)
 
