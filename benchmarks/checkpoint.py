@@ -1,9 +1,11 @@
 """Checkpoint cost to training: phalanx's per-step snapshot vs `torch.save` vs DCP `async_save`, one run.
 
     .venv/bin/python benchmarks/checkpoint.py [--d-model 512 --layers 8] [--reps 4] [--blocks 4] [--steps 3]
+    python3 benchmarks/checkpoint.py --device cuda --d-model 1024 --layers 28 --heads 16 --kv-heads 16 \
+        --seq 1024 --batch 16 --micro 16 --dtype bf16          # the issue's 356M GPU case (benchmarks/gpu/)
 
-One CPU process trains one GPT (configs/tiny.yaml widened to ~25M parameters; AdamW state included)
-with a Trainer built in-process. Every method checkpoints the same `trainer.state_dict()`:
+One process trains one GPT (configs/tiny.yaml widened; AdamW state included) with a Trainer built
+in-process. Every method checkpoints the same `trainer.state_dict()`:
 
 - stall per checkpoint: the seconds the training thread waits. `torch.save` to a file: all of it.
   DCP `async_save`: until it returns (its staging copy; the write completes in a thread, reported
@@ -15,7 +17,8 @@ with a Trainer built in-process. Every method checkpoints the same `trainer.stat
   medians compared, in wall time and in this process's CPU time (which other tenants of a shared
   machine disturb less, and which counts the background copy and commit).
 - erasure encode/decode GB/s of phalanx vs zfec and pyeclib (`benchmarks/erasure.py`) for k=4, m=2,
-  on 64 MiB and on one rank's snapshot block of this model.
+  on 64 MiB and on one rank's snapshot block of this model; with `--device cuda`, also on the GPU
+  (phalanx's Triton kernel vs its torch table-lookup path) on `--gpu-codec-mib` of data.
 
 Targets: stall <= 1% of DCP async_save's; snapshot overhead <= 2% of step time; encode >= 2 GB/s per core.
 Last line: JSON with `speedup` = DCP async_save stall / phalanx stall.
@@ -48,23 +51,33 @@ from phalanx.trainer import Trainer  # noqa: E402
 from phalanx.trainer.rundir import prepare_run_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def build_trainer(root: str, args: argparse.Namespace) -> Trainer:
-    overrides = [f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", "model.n_heads=8",
-                 "model.n_kv_heads=4", "model.max_seq_len=128", "data.seq_len=128",
-                 f"train.batch_size={args.batch}", "train.micro_batch_size=4", "train.eval_every=0", "train.steps=100000", "log.wandb=disabled",
+    overrides = [f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", f"model.n_heads={args.heads}",
+                 f"model.n_kv_heads={args.kv_heads}", f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}",
+                 f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro}", f"train.dtype={args.dtype}",
+                 "train.eval_every=0", "train.steps=100000", "log.wandb=disabled",
                  "log.progress=none", f"run.dir={root}", "run.name=bench", "checkpoint.snapshot_every=1",
                  "checkpoint.persist_every=0", "checkpoint.keeper_linger_s=60"]
+    if args.keeper_dir:
+        overrides.append(f"checkpoint.keeper_dir={args.keeper_dir}")
     cfg = validate(load_config(os.path.join(REPO, "configs", "tiny.yaml"), overrides))
     run_dir, _ = prepare_run_dir(cfg)
-    return Trainer(cfg, CPU, run_dir)
+    device = torch.device(args.device)
+    return Trainer(cfg, DistContext(rank=0, world_size=1, local_rank=0, device=device), run_dir)
+
+
+def sync(trainer: Trainer) -> None:
+    """Wall times on a GPU count the queued kernels too."""
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
 
 
 def train_step(trainer: Trainer) -> None:
     trainer.train_step(trainer.data.next_step())
     trainer.step += 1
+    sync(trainer)
 
 
 def ms(seconds: list[float]) -> float:
@@ -143,6 +156,62 @@ def stall_phalanx_unoverlapped(trainer: Trainer, reps: int) -> dict[str, list[fl
     return parts
 
 
+def measure_gpu_codec(k: int, m: int, nbytes: int, repeats: int = 10) -> dict[str, Any]:
+    """Encode/decode GB/s of data on the GPU: phalanx's Triton kernel (if Triton is there) and its torch path;
+    checked against the CPU codec on a slice first."""
+    from unittest import mock
+
+    from phalanx.checkpoint import gf256
+    from phalanx.checkpoint.erasure import ErasureCodec
+
+    codec, block = ErasureCodec(k, m), -(-nbytes // k)
+    gen = torch.Generator(device="cuda").manual_seed(k * 100 + m)
+    data = [torch.randint(0, 256, (block,), dtype=torch.uint8, device="cuda", generator=gen) for _ in range(k)]
+    out = codec.encode(data)
+    head = 1 << 20
+    want = codec.encode([d[:head].cpu() for d in data])
+    assert all(torch.equal(o[:head].cpu(), w) for o, w in zip(out, want)), "GPU parity differs from the CPU codec's"
+    survivors = {i: b for i, b in enumerate(data + out) if i >= m}  # data blocks 0..m-1 lost
+    assert all(torch.equal(a, b) for a, b in zip(codec.decode(survivors), data)), "GPU decode did not rebuild the data"
+
+    def gbps(fn: Callable[[], Any], reps: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return k * block / statistics.median(times) / 1e9
+
+    result = {"k": k, "m": m, "data_bytes": k * block, "kernel": "triton" if gf256.triton_dot() else "torch",
+              "encode_gbps": gbps(lambda: codec.encode(data, out=out), repeats),
+              "decode_gbps": gbps(lambda: codec.decode(survivors), repeats)}
+    with mock.patch.object(gf256, "triton_dot", lambda: None):  # the torch table-lookup path
+        result["torch_encode_gbps"] = gbps(lambda: codec.encode(data, out=out), max(2, repeats // 3))
+        result["torch_decode_gbps"] = gbps(lambda: codec.decode(survivors), max(2, repeats // 3))
+    return result
+
+
+def snapshot_matches_state(trainer: Trainer) -> bool:
+    """The newest committed snapshot, fetched back from the keeper and unpacked, equals the live state bit for
+    bit (nothing trained since it was taken)."""
+    from phalanx.checkpoint.flat import flatten_state_dict
+
+    engine = trainer.snapshots
+    step = engine.finish()
+    with engine.lock:
+        _, data = engine.keeper.call("fetch", rank=trainer.ctx.rank, step=step)
+    held, _ = flatten_state_dict(engine.layout.unpack(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+    live, _ = flatten_state_dict(trainer.state_dict())
+    same = set(held) == set(live)
+    for key, value in live.items():
+        if isinstance(value, torch.Tensor):
+            same = same and torch.equal(held[key].cpu(), value.detach().cpu())
+    return same
+
+
 # ---- per-step overhead, interleaved blocks ---------------------------------------------------
 
 
@@ -186,8 +255,17 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="blocks per mode in the overhead measurement")
     parser.add_argument("--steps", type=int, default=3, help="steps per block")
     parser.add_argument("--batch", type=int, default=16,
-                        help="sequences of 128 tokens per step (16: 2,048 tokens; real runs take ~1M per step)")
+                        help="sequences per step (16 x 128: 2,048 tokens; real runs take ~1M per step)")
+    parser.add_argument("--micro", type=int, default=4, help="sequences per micro-batch")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--keeper-dir", default="", help="checkpoint.keeper_dir (default /dev/shm/phalanx-UID)")
+    parser.add_argument("--gpu-codec-mib", type=int, default=1024, help="data MiB for the GPU codec figures")
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
     # DCP without a process group says "assuming the intent is to save in a single process": it is.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -208,12 +286,17 @@ def main() -> None:
         saved = stall_torch_save(trainer, folder, args.reps)
         dcp_stall, dcp_done = stall_dcp_async(trainer, folder, args.reps)
         direct = stall_phalanx_unoverlapped(trainer, args.reps)
+        pinned = len(engine._pinned)  # keeper slots page-locked for device-to-host copies (GPU)
+        matches = snapshot_matches_state(trainer)
+        print(f"newest snapshot read back from the keeper equals the live state bit for bit: {matches}", flush=True)
     finally:
         trainer.snapshots.close(release=True)
         shutil.rmtree(root, ignore_errors=True)
 
     small = measure_codecs(4, 2, 64 << 20)
-    block = measure_codecs(4, 2, state_bytes, repeats=3)
+    # On a GPU the state is GBs: the torch path would take minutes on it; the GPU codec is measured instead.
+    block = measure_codecs(4, 2, state_bytes, repeats=3) if not cuda else None
+    gpu_codec = measure_gpu_codec(4, 2, args.gpu_codec_mib << 20) if cuda else None
 
     stall_ms = {"phalanx": overhead["stall_ms"], "phalanx_unoverlapped": ms(direct["total"]),
                 "torch.save": ms(saved), "dcp.async_save": ms(dcp_stall)}
@@ -237,14 +320,23 @@ def main() -> None:
     print("\nerasure k=4 m=2, GB/s of data, one thread")
     print("| data | phalanx enc | phalanx dec | zfec enc | zfec dec | pyeclib enc | pyeclib dec |\n|---|---|---|---|---|---|---|")
     for name, r in (("64 MiB", small), (f"{state_bytes / 2**20:.0f} MiB (one block)", block)):
+        if r is None:
+            continue
         cells = [r["encode_gbps"], r["decode_gbps"], r["zfec_encode_gbps"], r["zfec_decode_gbps"],
                  r["pyeclib_encode_gbps"], r["pyeclib_decode_gbps"]]
         print(f"| {name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    if gpu_codec:
+        print(f"\nerasure k=4 m=2 on {torch.cuda.get_device_name()}, {gpu_codec['data_bytes'] / 2**20:.0f} MiB of data, "
+              f"GB/s: {gpu_codec['kernel']} encode {gpu_codec['encode_gbps']:.1f}, decode "
+              f"{gpu_codec['decode_gbps']:.1f}; torch path encode {gpu_codec['torch_encode_gbps']:.1f}, decode "
+              f"{gpu_codec['torch_decode_gbps']:.1f}")
 
     speedup = stall_ms["dcp.async_save"] / stall_ms["phalanx"]
     targets = {"stall_le_1pct_of_async_save": stall_ms["phalanx"] <= 0.01 * stall_ms["dcp.async_save"],
                "step_overhead_le_2pct": overhead["overhead_pct"] <= 2.0,
                "encode_ge_2gbps_per_core": small["encode_gbps"] >= 2.0}
+    if gpu_codec:
+        targets["gpu_encode_ge_100gbps"] = gpu_codec["encode_gbps"] >= 100.0
     print("\ntargets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
     print(json.dumps({
         "bench": "checkpoint", "anchor": "dcp.async_save", "speedup": speedup, "stall_ms": stall_ms,
@@ -255,10 +347,14 @@ def main() -> None:
         "step_cpu_overhead_pct": overhead["cpu_overhead_pct"],
         "encode_gbps": small["encode_gbps"], "decode_gbps": small["decode_gbps"],
         "zfec_encode_gbps": small["zfec_encode_gbps"], "pyeclib_encode_gbps": small["pyeclib_encode_gbps"],
-        "encode_gbps_block": block["encode_gbps"], "decode_gbps_block": block["decode_gbps"],
-        "zfec_encode_gbps_block": block["zfec_encode_gbps"], "pyeclib_encode_gbps_block": block["pyeclib_encode_gbps"],
+        "encode_gbps_block": block and block["encode_gbps"], "decode_gbps_block": block and block["decode_gbps"],
+        "zfec_encode_gbps_block": block and block["zfec_encode_gbps"],
+        "pyeclib_encode_gbps_block": block and block["pyeclib_encode_gbps"], "gpu_codec": gpu_codec,
         "targets": targets, "params": params, "state_bytes": state_bytes,
-        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
+        "tokens_per_step": args.batch * args.seq, "dtype": args.dtype,
+        "pinned_slots": pinned if cuda else None, "snapshot_matches_state": matches,
+        "device": (torch.cuda.get_device_name() if cuda else
+                   f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"), "torch": torch.__version__,
     }))
 
 

@@ -2,8 +2,10 @@
 
 Bulk ops run in a native C kernel (`_gf256.c`: AVX-512/GFNI, AVX2 split-nibble PSHUFB or portable C, picked
 per CPU) for CPU tensors, built on first use with the system C compiler into ~/.cache/phalanx and loaded with
-ctypes. Without a compiler, and for GPU tensors, they run as torch table lookups (one warning for the former).
-Measured on the dev VM, one thread, k=4 m=2 encode: native ~14 GB/s (memory-bound), torch ~0.3 GB/s.
+ctypes. CUDA tensors use one Triton kernel per call (`_gf256_triton.py`; Triton ships with CUDA builds of
+torch). Without a compiler or Triton they run as torch table lookups (one warning for the former).
+Measured on the dev VM, one thread, k=4 m=2 encode: native ~14 GB/s (memory-bound), torch ~0.3 GB/s; GPU
+figures are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -168,6 +170,16 @@ def empty_block(like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@lru_cache(maxsize=None)
+def triton_dot():
+    """The Triton kernel's launcher for CUDA tensors, or None where Triton is not installed."""
+    try:
+        from phalanx.checkpoint._gf256_triton import gf_dot_cuda
+    except ImportError:
+        return None
+    return gf_dot_cuda
+
+
 def gf_dot(outs: list[torch.Tensor], srcs: list[torch.Tensor], coefs: list[list[int]],
            accumulate: bool = False) -> None:
     """outs[r] (^)= XOR_j coefs[r][j] * srcs[j], bytewise over 1-D uint8 tensors of one length, one device.
@@ -177,7 +189,11 @@ def gf_dot(outs: list[torch.Tensor], srcs: list[torch.Tensor], coefs: list[list[
     n = srcs[0].numel()
     lib = _use_native(outs + srcs)
     if lib is None:
-        _dot_torch(outs, srcs, coefs, accumulate)
+        launch = triton_dot() if srcs[0].is_cuda and all(t.is_contiguous() for t in outs + srcs) else None
+        if launch is not None and n and outs:
+            launch(outs, srcs, coefs, _mul_table(str(srcs[0].device)), accumulate)
+        else:
+            _dot_torch(outs, srcs, coefs, accumulate)
         return
     if n == 0 or not outs:
         return

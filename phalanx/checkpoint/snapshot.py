@@ -15,6 +15,7 @@ decode from the group's survivors) -> persistent storage, and says which and why
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import datetime
 import hashlib
 import json
@@ -23,6 +24,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -97,6 +99,10 @@ class SnapshotEngine:
         self.keeper: Optional[KeeperClient] = None
         self.blocks: list[torch.Tensor] = []
         self._maps: list[mmap.mmap] = []
+        self._pinned: list[int] = []  # cudaHostRegister'ed slot addresses
+        self._pin_warned = False
+        self._stream: Optional[Any] = None  # the side stream of device-to-host snapshot copies (GPU)
+        self._copied_event: Optional[Any] = None
         self.lock = threading.Lock()  # one request at a time on the keeper connection
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phalanx-snapshot")
         self.job: Optional[concurrent.futures.Future] = None
@@ -185,9 +191,7 @@ class SnapshotEngine:
             self.keeper = connect_keeper(self.run_dir, self.run_id, self.secret, self.node, self.host,
                                          self.keeper_dir, self.cfg.keeper_linger_s, self.timeout)
         reply, _ = self.keeper.call("register", rank=self.ctx.rank, nbytes=self.layout.nbytes, plan=plan)
-        for old in self._maps:
-            old.close()
-        self._maps, self.blocks, self._slot_views = [], [], {}
+        self._unmap()
         for path in reply["paths"]:
             with open(path, "r+b") as f:
                 self._maps.append(mmap.mmap(f.fileno(), self.layout.nbytes))
@@ -195,7 +199,34 @@ class SnapshotEngine:
         self._plan = plan
         if self.ctx.device.type == "cuda":  # page-locked, so device-to-host copies run at full speed
             for block in self.blocks:
-                torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0)
+                self._pin(block)
+
+    def _pin(self, block: torch.Tensor) -> None:
+        code = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0)
+        code = int(getattr(code, "value", code))
+        if code == 0:
+            self._pinned.append(block.data_ptr())
+        elif not self._pin_warned:
+            self._pin_warned = True
+            self.event("snapshot_unpinned", rank=self.ctx.rank, cuda_error=code)
+            warnings.warn(f"phalanx: page-locking the keeper's shared memory failed (cudaHostRegister error {code}; "
+                          f"directory {self.keeper_dir}): snapshot copies from the GPU run at pageable speed and "
+                          f"the training thread waits for them. Give the keeper a directory on tmpfs "
+                          f"(checkpoint.keeper_dir, default /dev/shm) and raise the locked-memory limit "
+                          f"(ulimit -l).", RuntimeWarning, stacklevel=3)
+
+    def _unmap(self) -> None:
+        """Unregister and unmap the current slots (a re-registration replaces them)."""
+        for ptr in self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._pinned = []
+        self.blocks, self._slot_views = [], {}
+        for old in self._maps:
+            try:
+                old.close()
+            except BufferError:  # a tensor still views it (a restore in flight): the map closes when it goes
+                pass
+        self._maps = []
 
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
         with self.lock:
@@ -286,7 +317,7 @@ class SnapshotEngine:
         return self._slot_views[slot]
 
     def snapshot(self, step: int, persist: bool = False) -> None:
-        """Start the snapshot of the state after step `step`; returns once copies are launched."""
+        """Start the snapshot of the state after step `step`; returns once the copy is handed to the worker."""
         start = time.perf_counter()
         self.finish()
         self._ensure_measured()
@@ -301,16 +332,11 @@ class SnapshotEngine:
             return
         (sources, write_skeleton), views = self._sources(self.blocks[slot], state), self._views(slot)
         self.copied.clear()
-        copy_done = None
+        ready = None  # on a GPU: the point of the compute stream the copies start after (this step's update)
         if self.ctx.device.type == "cuda":
-            stream = torch.cuda.Stream(self.ctx.device)
-            stream.wait_stream(torch.cuda.current_stream(self.ctx.device))
-            with torch.cuda.stream(stream):
-                for view, source in zip(views, sources):
-                    view.copy_(source.detach(), non_blocking=True)
-                copy_done = torch.cuda.Event()
-                copy_done.record(stream)
-        self.job = self.worker.submit(self._complete, step, slot, sources, views, copy_done, persist, write_skeleton)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.ctx.device))
+        self.job = self.worker.submit(self._complete, step, slot, sources, views, ready, persist, write_skeleton)
         self.stall_s += time.perf_counter() - start
 
     def wait_copied(self) -> None:
@@ -330,18 +356,20 @@ class SnapshotEngine:
         return self.committed
 
     def _complete(self, step: int, slot: int, sources: list[torch.Tensor], views: list[torch.Tensor],
-                  copy_done: Optional[Any], persist: bool, write_skeleton: Optional[Callable[[], None]]) -> None:
+                  ready: Optional[Any], persist: bool, write_skeleton: Optional[Callable[[], None]]) -> None:
         ok = True
+        # The copy first, and nothing else that needs the GIL until it is done: this thread starts as the
+        # training thread launches the next step, which must not wait for the GIL then.
         try:
-            if write_skeleton is not None:
-                write_skeleton()
-            if copy_done is not None:
-                copy_done.synchronize()
+            if ready is not None:
+                self._copy_from_device(views, sources, ready)
+                self._copied_event.synchronize()  # a blocking-sync event: this thread sleeps, it does not spin
             else:
-                for view, source in zip(views, sources):
-                    view.copy_(source.detach())
+                _copy_serial(views, sources)
         finally:
             self.copied.set()
+        if write_skeleton is not None:  # from values captured by snapshot(): the state may move on now
+            write_skeleton()
         try:
             self._call("complete", rank=self.ctx.rank, slot=slot, step=step)
             if self.my_group is not None:
@@ -368,6 +396,19 @@ class SnapshotEngine:
                 self._reserved = {upcoming: self._call("begin", rank=self.ctx.rank, step=upcoming)["slot"]}
             except (WireError, PhalanxError):
                 self._reserved = {}
+
+    def _copy_from_device(self, views: list[torch.Tensor], sources: list[torch.Tensor], ready: Any) -> None:
+        """Queue the device-to-host copies on the snapshot stream, after `ready`. Launched here, off the
+        training thread (a thousand launches cost it milliseconds a step); the next optimizer step waits
+        for `copied` all the same."""
+        with torch.cuda.device(self.ctx.device):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.ctx.device)
+                self._copied_event = torch.cuda.Event(blocking=True)
+            self._stream.wait_event(ready)
+            with torch.cuda.stream(self._stream), torch.no_grad():  # no detach(): fewer Python objects per step
+                torch._foreach_copy_(views, sources, non_blocking=True)
+                self._copied_event.record(self._stream)
 
     def _send_parity(self, step: int, block: torch.Tensor) -> None:
         group = self.my_group
@@ -559,6 +600,18 @@ class SnapshotEngine:
                     except WireError:
                         pass
                 self.keeper.close()
+            self._unmap()
+
+
+def _copy_serial(views: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """CPU copies on this one thread, outside the GIL: `Tensor.copy_` would start an intra-op thread team of
+    its own beside the training thread's, and the two teams then fight over the cores every step."""
+    for view, source in zip(views, sources):
+        source = source.detach()
+        if source.is_contiguous() and source.device.type == "cpu" and source.dtype == view.dtype:
+            ctypes.memmove(view.data_ptr(), source.data_ptr(), view.numel() * view.element_size())
+        else:
+            view.copy_(source)
 
 
 def _padded(block: torch.Tensor, length: int) -> torch.Tensor:
