@@ -14,8 +14,10 @@ in-process. Every method checkpoints the same `trainer.state_dict()`:
   (the copy not overlapped by compute), with the main-thread parts timed one by one.
 - step-time overhead of snapshotting every step: blocks of steps with and without a snapshot after
   each step, interleaved (off, on, on, off, ...) in the same trainer so machine noise hits both;
-  medians compared, in wall time and in this process's CPU time (which other tenants of a shared
-  machine disturb less, and which counts the background copy and commit).
+  medians compared. The target's figure times whole blocks (one synchronise at each block's end, as
+  the trainer runs: it synchronises at logged steps only); a second figure times each step alone
+  (a GPU synchronise after each), in wall time and in this process's CPU time (which other tenants of
+  a shared machine disturb less, and which counts the background copy and commit).
 - erasure encode/decode GB/s of phalanx vs zfec and pyeclib (`benchmarks/erasure.py`) for k=4, m=2,
   on 64 MiB and on one rank's snapshot block of this model; with `--device cuda`, also on the GPU
   (phalanx's Triton kernel vs its torch table-lookup path) on `--gpu-codec-mib` of data.
@@ -74,10 +76,11 @@ def sync(trainer: Trainer) -> None:
         torch.cuda.synchronize(trainer.device)
 
 
-def train_step(trainer: Trainer) -> None:
+def train_step(trainer: Trainer, synchronize: bool = True) -> None:
     trainer.train_step(trainer.data.next_step())
     trainer.step += 1
-    sync(trainer)
+    if synchronize:
+        sync(trainer)
 
 
 def ms(seconds: list[float]) -> float:
@@ -247,6 +250,47 @@ def step_overhead(trainer: Trainer, blocks: int, steps: int) -> dict[str, Any]:
             "stall_ms": ms(stalls), "stall_ms_max": 1e3 * max(stalls)}
 
 
+def queued_overhead(trainer: Trainer, blocks: int, steps: int) -> dict[str, Any]:
+    """As `step_overhead`, without a synchronise per step: the GPU queue stays ahead as in a real loop, and
+    each block's wall time (one synchronise at its end) over its steps is the step time."""
+    engine = trainer.snapshots
+    per_step: dict[bool, list[float]] = {False: [], True: []}
+    for block in range(2 * blocks):
+        on = block % 4 in (1, 2)
+        train_step(trainer)  # the switch
+        if on:
+            engine.snapshot(trainer.step)
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(trainer, synchronize=False)
+            if on:
+                engine.snapshot(trainer.step)
+        sync(trainer)
+        per_step[on].append((time.perf_counter() - start) / steps)
+        engine.finish()
+    off, on_ = statistics.median(per_step[False]), statistics.median(per_step[True])
+    return {"step_ms_off": 1e3 * off, "step_ms_on": 1e3 * on_, "overhead_pct": 100 * (on_ / off - 1),
+            "blocks_each": len(per_step[True])}
+
+
+def overhead_variants(trainer: Trainer, blocks: int, steps: int) -> None:
+    """--overhead-only: the per-step overhead three ways in one process (GPU diagnosis)."""
+    base = step_overhead(trainer, blocks, steps)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        short = step_overhead(trainer, blocks, steps)
+    finally:
+        sys.setswitchinterval(interval)
+    queued = queued_overhead(trainer, blocks, steps)
+    for name, r in (("synchronise per step", base), ("synchronise per step, GIL switch 0.5 ms", short),
+                    ("no per-step synchronise (block time)", queued)):
+        print(f"{name}: {r['step_ms_on']:.1f} vs {r['step_ms_off']:.1f} ms: {r['overhead_pct']:+.2f}%", flush=True)
+    print(json.dumps({"bench": "checkpoint-overhead", "sync_per_step": base["overhead_pct"],
+                      "sync_per_step_switch_0_5ms": short["overhead_pct"], "queued": queued["overhead_pct"],
+                      "queued_step_ms": [queued["step_ms_on"], queued["step_ms_off"]]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--d-model", type=int, default=512)
@@ -264,6 +308,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--keeper-dir", default="", help="checkpoint.keeper_dir (default /dev/shm/phalanx-UID)")
     parser.add_argument("--gpu-codec-mib", type=int, default=1024, help="data MiB for the GPU codec figures")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the per-step overhead, three ways (per-step synchronise, shorter GIL switch "
+                             "interval, none)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     # DCP without a process group says "assuming the intent is to save in a single process": it is.
@@ -282,7 +329,11 @@ def main() -> None:
         print(f"model {params / 1e6:.1f}M parameters; checkpoint state {state_bytes / 2**20:.0f} MiB "
               f"(weights + AdamW moments); torch threads {torch.get_num_threads()}", flush=True)
 
+        if args.overhead_only:
+            overhead_variants(trainer, args.blocks, args.steps)
+            return
         overhead = step_overhead(trainer, args.blocks, args.steps)
+        queued = queued_overhead(trainer, args.blocks, args.steps)
         saved = stall_torch_save(trainer, folder, args.reps)
         dcp_stall, dcp_done = stall_dcp_async(trainer, folder, args.reps)
         direct = stall_phalanx_unoverlapped(trainer, args.reps)
@@ -317,6 +368,9 @@ def main() -> None:
           f"ms (median of {overhead['steps_each']} each): overhead {overhead['overhead_pct']:+.2f}% "
           f"(means: {overhead['overhead_pct_mean']:+.2f}%); this process's CPU time per step "
           f"{overhead['cpu_ms_on']:.0f} vs {overhead['cpu_ms_off']:.0f} ms: {overhead['cpu_overhead_pct']:+.2f}%")
+    print(f"step time as the trainer runs (no synchronise per step; block wall time / steps): "
+          f"{queued['step_ms_on']:.1f} vs {queued['step_ms_off']:.1f} ms (median of {queued['blocks_each']} blocks "
+          f"each): overhead {queued['overhead_pct']:+.2f}%")
     print("\nerasure k=4 m=2, GB/s of data, one thread")
     print("| data | phalanx enc | phalanx dec | zfec enc | zfec dec | pyeclib enc | pyeclib dec |\n|---|---|---|---|---|---|---|")
     for name, r in (("64 MiB", small), (f"{state_bytes / 2**20:.0f} MiB (one block)", block)):
@@ -333,7 +387,7 @@ def main() -> None:
 
     speedup = stall_ms["dcp.async_save"] / stall_ms["phalanx"]
     targets = {"stall_le_1pct_of_async_save": stall_ms["phalanx"] <= 0.01 * stall_ms["dcp.async_save"],
-               "step_overhead_le_2pct": overhead["overhead_pct"] <= 2.0,
+               "step_overhead_le_2pct": queued["overhead_pct"] <= 2.0,
                "encode_ge_2gbps_per_core": small["encode_gbps"] >= 2.0}
     if gpu_codec:
         targets["gpu_encode_ge_100gbps"] = gpu_codec["encode_gbps"] >= 100.0
@@ -343,7 +397,8 @@ def main() -> None:
         "dcp_async_save_complete_ms": ms(dcp_done), "stall_vs_async_save_pct": 100 / speedup,
         "phalanx_parts_ms": {k: ms(v) for k, v in direct.items()},
         "step_ms": {"snapshot_every_step": overhead["step_ms_on"], "no_snapshot": overhead["step_ms_off"]},
-        "step_overhead_pct": overhead["overhead_pct"], "step_overhead_pct_mean": overhead["overhead_pct_mean"],
+        "step_overhead_pct": queued["overhead_pct"], "step_overhead_pct_sync_per_step": overhead["overhead_pct"],
+        "step_overhead_pct_sync_per_step_mean": overhead["overhead_pct_mean"],
         "step_cpu_overhead_pct": overhead["cpu_overhead_pct"],
         "encode_gbps": small["encode_gbps"], "decode_gbps": small["decode_gbps"],
         "zfec_encode_gbps": small["zfec_encode_gbps"], "pyeclib_encode_gbps": small["pyeclib_encode_gbps"],

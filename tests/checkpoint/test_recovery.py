@@ -130,6 +130,11 @@ def test_losing_more_nodes_than_parity_falls_back_to_storage(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(tmp_path / "t", 7, launcher)
+        # A loaded machine can still be writing step 5 at step 7: storage must hold it before the loss.
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "t" / "checkpoints" / "step-5" / "manifest.json").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "step 5 was not persisted"
+            time.sleep(0.05)
         lost = [keeper_pid(tmp_path / "t", 0), keeper_pid(tmp_path / "t", 1)]
     finally:
         kill_tree(launcher)
