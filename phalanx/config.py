@@ -145,7 +145,8 @@ class FaultConfig:
     wait_for_nodes_s: float = 60.0  # after a node loss, how long to wait for resources for its workers
     # Tests and demos: "kill:rank=1:step=5", "hang:rank=1:step=5" (blocks before its next collective),
     # "slow:rank=1:step=3:factor=3" (every step from then on), "node:node=1:step=5" (controller: the node's
-    # keeper and workers die). Each fires once per run.
+    # keeper and workers die), "kill_restoring:rank=0:step=5" (killed while restoring step 5 or later: a failure
+    # during recovery). Each fires once per run.
     inject: list[str] = field(default_factory=list)
 
 

@@ -4,9 +4,11 @@ the controller: `import phalanx` never imports ray."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
+import time
 from typing import Any, Optional
 
 import ray
@@ -19,10 +21,24 @@ class KeeperActor:
     def __init__(self, run_id: str, node: int, secret_hex: str, host: str, keeper_dir: str, linger_s: float):
         from phalanx.checkpoint.keeper import Keeper
 
+        from phalanx.checkpoint.keeper import discovery_file
+
         self.keeper = Keeper(run_id, node, bytes.fromhex(secret_hex), host, keeper_dir, linger_s)
+        self.discovery = discovery_file(keeper_dir, run_id, node)
         threading.Thread(target=self.keeper.serve, daemon=True).start()
 
     def ping(self) -> int:
+        """The keeper's pid, once it listens: a trainer that looked for it earlier would find no discovery
+        file and start a keeper of its own for the node."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with open(self.discovery) as f:
+                    if json.load(f).get("pid") == os.getpid():
+                        break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
         return os.getpid()
 
 

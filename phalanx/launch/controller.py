@@ -21,6 +21,7 @@ from typing import Any, Optional
 from phalanx.errors import PhalanxError
 from phalanx.launch.faults import fired, parse_injection
 from phalanx.launch.standby import Standby
+from phalanx.launch.timeline import timeline
 from phalanx.launch.watchdog import find_hang, find_stragglers
 from phalanx.trainer.trackers import append_event
 
@@ -50,6 +51,7 @@ class Controller:
         self.node_injections = [i for i in map(parse_injection, cfg.fault.inject) if i.kind == "node"]
         self.straggling: set[int] = set()
         self.node_ids: list[str] = []  # Ray node of each rank in the current attempt
+        self.lost_nodes: set[int] = set()  # nodes whose keeper and workers an injected node loss killed
         self.reached = 0  # the newest step any worker reported (steps after the restored one are lost)
 
     # ---- one attempt -------------------------------------------------------------------------
@@ -100,10 +102,14 @@ class Controller:
 
         from phalanx.launch.actors import node_index_of
 
-        nodes = [node_index_of(n, self.node_index) for n in node_ids]
-        self.node_ids = list(node_ids)
-        for node_id, node in sorted(set(zip(node_ids, nodes)), key=lambda x: x[1]):
-            self._keeper(node_id, node)
+        ray_nodes = [node_index_of(n, self.node_index) for n in node_ids]
+        # checkpoint.simulate_nodes: contiguous rank blocks are the nodes (the trainers' snapshot engines
+        # agree, see node_ids in snapshot.py), each with its own keeper, lost together by a `node` fault
+        simulate = self.cfg.checkpoint.simulate_nodes
+        nodes = [rank * simulate // self.workers for rank in range(self.workers)] if simulate else ray_nodes
+        self.node_ids, self.lost_nodes = list(node_ids), set()
+        for node in sorted(set(nodes)):
+            self._keeper(node_ids[nodes.index(node)], node)
         workers = self.standby.fill(workers, pg, node_ids)
         master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
         port = ray.get(workers[0].free_port.remote(), timeout=60)
@@ -111,9 +117,9 @@ class Controller:
                 f"run.dir={os.path.dirname(self.run_dir)}", "run.resume=true"]
         futures = []
         for rank, worker in enumerate(workers):
-            local = nodes[:rank].count(nodes[rank])
+            local = ray_nodes[:rank].count(ray_nodes[rank])
             env = {"RANK": str(rank), "WORLD_SIZE": str(self.workers), "LOCAL_RANK": str(local),
-                   "LOCAL_WORLD_SIZE": str(nodes.count(nodes[rank])), "MASTER_ADDR": master_ip,
+                   "LOCAL_WORLD_SIZE": str(ray_nodes.count(ray_nodes[rank])), "MASTER_ADDR": master_ip,
                    "MASTER_PORT": str(port), "PHALANX_NODE": str(nodes[rank]), "PHALANX_RUN_LOCK_HELD_BY": "ray",
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             if "GLOO_SOCKET_IFNAME" in os.environ:
@@ -154,8 +160,12 @@ class Controller:
         except Exception:
             return False
 
-    def _watch(self, workers: list[Any], nodes: list[int], futures: list[Any]) -> None:
-        """Returns when every rank finished with 0; raises Failure otherwise. Every wait is bounded."""
+    def _watch(self, workers: list[Any], nodes: list[int], futures: list[Any],
+               recovering: Optional[tuple[Failure, int]] = None) -> None:
+        """Returns when every rank finished with 0; raises Failure otherwise. Every wait is bounded.
+        `recovering` (the failure this attempt recovers from, the newest step reached before it) is
+        written as a recovery event once the relaunched run's first step is done; a failure before that
+        (during the recovery) is detected like any other."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -166,6 +176,8 @@ class Controller:
         pending = dict(enumerate(futures))
         while True:
             done, _ = ray.wait(list(pending.values()), timeout=self.fault.heartbeat_s, num_returns=len(pending))
+            if recovering is not None and self._record_recovery(*recovering):
+                recovering = None
             for rank, future in list(pending.items()):
                 if future not in done:
                     continue
@@ -175,7 +187,8 @@ class Controller:
                 except RayActorError:
                     raise self._dead_failure([rank], nodes, last_seen) from None
                 except Exception as err:  # the trainer raised: a peer's death, or a real error
-                    hang = find_hang(beats, time.time(), self.fault.collective_timeout_s)
+                    hang = (find_hang(beats, time.time(), self.fault.collective_timeout_s)
+                            or self._timed_out(rank, err, workers, pending, beats))
                     if hang:
                         raise self._hang(hang, nodes) from None
                     dead = self._dead(pending, 2 * self.fault.heartbeat_s + 1.0)
@@ -186,6 +199,8 @@ class Controller:
                 if code != 0:
                     raise Failure("worker exit", [rank], [nodes[rank]], last_seen[rank], f"exit code {code}")
             if not pending:  # a last look at the whole run's step times (a straggler to report)
+                if recovering is not None:
+                    self._record_recovery(*recovering)
                 try:
                     final = ray.get([w.heartbeat.remote() for w in workers], timeout=10)
                     self._stragglers(dict(enumerate(final)), nodes)
@@ -216,11 +231,39 @@ class Controller:
         from phalanx.launch.actors import alive_nodes
 
         alive = alive_nodes()
-        lost = sorted({nodes[r] for r in dead if self.node_ids[r] not in alive})
+        lost = sorted({nodes[r] for r in dead if self.node_ids[r] not in alive or nodes[r] in self.lost_nodes})
         if lost:
             ranks = [r for r, n in enumerate(nodes) if n in lost]
-            return Failure("lost node", ranks, lost, min(last_seen[r] for r in ranks), "the node left the cluster")
+            why = "its keeper and workers were killed" if set(lost) <= self.lost_nodes else "the node left the cluster"
+            return Failure("lost node", ranks, lost, min(last_seen[r] for r in ranks), why)
         return Failure("dead worker", dead, sorted({nodes[r] for r in dead}), min(last_seen[r] for r in dead))
+
+    @staticmethod
+    def _timed_out(rank: int, err: Exception, workers: list[Any], pending: dict[int, Any],
+                   beats: dict[int, dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """A hang that the rank's own collective timeout reported before a heartbeat showed it waiting
+        (the process group's timeout is fault.collective_timeout_s too; under load it wins the race): the
+        ranks that entered fewer collectives than this one never entered the one it timed out in."""
+        import ray
+
+        if "timed out" not in str(err).lower():
+            return None
+        fresh = dict(beats)
+        for r in [rank, *pending]:
+            try:
+                fresh[r] = ray.get(workers[r].heartbeat.remote(), timeout=5)
+            except Exception:
+                pass
+        if rank not in fresh:
+            return None
+        seq = fresh[rank]["seq"]
+        culprits = sorted(r for r, b in fresh.items() if r != rank and b["seq"] < seq)
+        if not culprits:
+            return None
+        name = (beats.get(rank, {}).get("in_collective") or {}).get("name", "a collective")
+        return {"collective": name, "seq": seq, "waiting": [rank], "culprits": culprits,
+                "where": {r: {"step": fresh[r]["step"], "phase": fresh[r]["phase"], "seq": fresh[r]["seq"]}
+                          for r in culprits}}
 
     @staticmethod
     def _dead(pending: dict[int, Any], timeout: float) -> list[int]:
@@ -276,6 +319,7 @@ class Controller:
                 continue
             append_event(self.run_dir, "fault_injected", spec=injection.spec, kind="node", node=injection.node,
                          step=step)
+            self.lost_nodes.add(injection.node)
             kill(self.keepers.pop(injection.node, None))
             for rank, node in enumerate(nodes):
                 if node == injection.node:
@@ -299,9 +343,9 @@ class Controller:
         restarts, failure, last_step = 0, None, 0
         pg, node_ids = None, []
         workers: list[Optional[Any]] = [None] * self.workers
+        launched = time.time()
         try:
             while True:
-                started = time.time()
                 futures: list[Any] = []
                 try:
                     if pg is not None and not set(node_ids) <= alive_nodes():
@@ -310,9 +354,7 @@ class Controller:
                     if pg is None:
                         pg, node_ids = self._placement()
                     workers, nodes, futures = self._start(restarts, pg, node_ids, workers)
-                    if failure is not None:
-                        self._record_recovery(failure, started, last_step)
-                    self._watch(workers, nodes, futures)
+                    self._watch(workers, nodes, futures, None if failure is None else (failure, last_step))
                     append_event(self.run_dir, "controller_done", restarts=restarts)
                     print(f"phalanx ray: finished after {restarts} recoveries", flush=True)
                     return 0
@@ -336,20 +378,21 @@ class Controller:
             self.standby.close()
             if pg is not None:
                 ray.util.remove_placement_group(pg)
+            lines = timeline(self.run_dir, launched)
+            if len(lines) > 1:
+                print("\n".join(lines), flush=True)
 
-    def _record_recovery(self, failure: Failure, restart_at: float, last_step: int) -> None:
-        """Waits (bounded) for the relaunched run's restore and first step, then writes the recovery event."""
-        deadline = time.time() + max(120.0, 2 * self.fault.collective_timeout_s)
+    def _record_recovery(self, failure: Failure, last_step: int) -> bool:
+        """Writes the recovery event once the relaunched run's restore and first step are in events.jsonl;
+        False while they are not (yet)."""
         restore = first = None
-        while time.time() < deadline and first is None:
-            for event in _events(self.run_dir, failure.detected_at):
-                if event["event"] == "restore" and restore is None:
-                    restore = event
-                if event["event"] == "first_step":
-                    first = event
-            time.sleep(0.05)
+        for event in _events(self.run_dir, failure.detected_at):
+            if event["event"] == "restore" and restore is None:
+                restore = event
+            if event["event"] == "first_step":
+                first = event
         if first is None:
-            return  # the relaunch failed before its first step; the next failure says why
+            return False
         restore_end = restore["time"] if restore else first["time"]
         restore_s = restore["seconds"] if restore else 0.0
         restored_step = restore["step"] if restore else 0
@@ -368,11 +411,37 @@ class Controller:
               f"at step {restored_step}: downtime {event['downtime_s']:.2f}s (detect {event['detect_s']:.2f} + "
               f"restart {event['restart_s']:.2f} + restore {event['restore_s']:.2f} + first step "
               f"{event['first_step_s']:.2f}), steps lost {event['steps_lost']}", flush=True)
+        return True
 
 
-def connect(address: Optional[str]) -> None:
+def loopback_only() -> None:
+    """Makes Ray, in this process and the processes it starts, bind and advertise 127.0.0.1 only.
+
+    `_node_ip_address="127.0.0.1"` alone is not enough: Ray replaces a loopback address by the host's
+    routable one (`services.resolve_ip_for_localhost`); measured with ray 2.60 on a host with eth0
+    192.0.2.2, GCS and raylet advertised 192.0.2.2 and listened on 0.0.0.0 / ::. In Ray's single-machine
+    mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, its default on macOS and Windows) every process binds and
+    advertises 127.0.0.1 (tests/helpers.py assert_loopback_only checks every socket)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read at import by Ray's own processes
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process may have imported ray before the variable was set
+
+
+def start_local_ray(**options: Any) -> None:
+    """A new local Ray instance on loopback only, without the dashboard. `address="local"` starts one
+    instead of joining the instance that `ray start` (or a test's `Cluster`) last recorded in /tmp/ray."""
+    import ray
+
+    loopback_only()
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **options)
+
+
+def connect(address: Optional[str], workers: int = 1) -> None:
     """Join a running cluster (`--address`, or RAY_ADDRESS as under `ray job submit`), else start a
-    local one on loopback without the dashboard."""
+    local one on loopback without the dashboard, with a CPU slot for each of `workers` (more workers than
+    cores share them, as under torchrun, instead of waiting for slots that never come)."""
     import ray
 
     if ray.is_initialized():
@@ -381,7 +450,7 @@ def connect(address: Optional[str]) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        start_local_ray(log_to_driver=True, num_cpus=max(os.cpu_count() or 1, workers))
 
 
 def main(config_path: str, overrides: list[str], workers: int, address: Optional[str]) -> int:
@@ -393,6 +462,6 @@ def main(config_path: str, overrides: list[str], workers: int, address: Optional
     for message in messages:
         print(message, flush=True)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo") if not (address or os.environ.get("RAY_ADDRESS")) else None
-    connect(address)
+    connect(address, workers)
     return Controller(cfg, os.path.abspath(config_path), overrides, workers, run_dir).run()
 

@@ -1,4 +1,5 @@
-"""Fault injection for tests and demos: kill, hang or slow a rank at a step; lose a node (controller).
+"""Fault injection for tests and demos: kill, hang or slow a rank at a step; kill a rank while it restores
+(a failure during recovery); lose a node (controller).
 
 Each injection fires once per run: the victim records `fault_injected` in `events.jsonl` before it
 acts, and a relaunch that replays the step skips it.
@@ -16,7 +17,7 @@ from typing import Any, Optional
 from phalanx.errors import ConfigError
 
 KINDS = {"kill": ("rank", "step"), "hang": ("rank", "step"), "slow": ("rank", "step", "factor"),
-         "node": ("node", "step")}
+         "node": ("node", "step"), "kill_restoring": ("rank", "step")}
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,32 @@ class FaultInjector:
             self.slept = (self.slow.factor - 1.0) * self.last_seconds
             time.sleep(self.slept)
 
+    def restoring(self, step: int) -> None:
+        """Called between fetching a restored state (of `step`) and loading it: `kill_restoring` fires on
+        the first restore of step `step` or later, while the other ranks go on into the first step."""
+        for injection in [i for i in self.pending if i.kind == "kill_restoring" and step >= i.step]:
+            self._fire(injection, step)
+
     def after_step(self, step: int, seconds: float) -> None:
         self.last_seconds = seconds - self.slept  # the step's own work, without the injected sleep
-        for injection in [i for i in self.pending if i.step == step]:
-            self.pending.remove(injection)
-            from phalanx.trainer.trackers import append_event
+        for injection in [i for i in self.pending if i.step == step and i.kind != "kill_restoring"]:
+            self._fire(injection, step)
 
-            append_event(self.run_dir, "fault_injected", spec=injection.spec, kind=injection.kind, rank=self.rank,
-                         step=step)
-            if injection.kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            elif injection.kind == "hang":
-                from phalanx.launch import health
+    def _fire(self, injection: Injection, step: int) -> None:
+        self.pending.remove(injection)
+        from phalanx.trainer.trackers import append_event
 
-                if health.HEALTH.enabled:
-                    health.HEALTH.hang_at_next = True
-                else:
-                    while True:  # no controller watches: block where we are
-                        time.sleep(3600)
-            elif injection.kind == "slow":
-                self.slow = injection
+        append_event(self.run_dir, "fault_injected", spec=injection.spec, kind=injection.kind, rank=self.rank,
+                     step=step)
+        if injection.kind in ("kill", "kill_restoring"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif injection.kind == "hang":
+            from phalanx.launch import health
+
+            if health.HEALTH.enabled:
+                health.HEALTH.hang_at_next = True
+            else:
+                while True:  # no controller watches: block where we are
+                    time.sleep(3600)
+        elif injection.kind == "slow":
+            self.slow = injection

@@ -182,6 +182,7 @@ class Trainer:
         state, step, info = self.snapshots.restore(self.state_dict)
         if state is None:
             return None
+        self.faults.restoring(step)
         self.load_state_dict(state)
         self.snapshots.state_replaced()
         if self.ctx.is_main:

@@ -1,0 +1,43 @@
+"""A run's failures and recoveries as a timeline, from `events.jsonl` (printed by `phalanx ray` at its end)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+SHOWN = ("workers", "fault_injected", "failure", "recovery", "straggler", "gave_up", "controller_done")
+
+
+def _line(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "workers":
+        return f"attempt {event['attempt']}: workers on nodes {event['nodes']}"
+    if kind == "fault_injected":
+        where = f"node {event['node']}" if event.get("kind") == "node" else f"rank {event.get('rank')}"
+        return f"fault injected: {event['spec']} ({where}, step {event['step']})"
+    if kind == "failure":
+        return (f"failure detected: {event['cause']}, ranks {event['ranks']} on nodes {event['nodes']}"
+                + (f" ({event['detail']})" if event.get("detail") else ""))
+    if kind == "recovery":
+        return (f"recovered from {event['cause']}: restored step {event['step']} from {event['restored_from']}, "
+                f"steps lost {event['steps_lost']}; downtime {event['downtime_s']:.2f}s = detect "
+                f"{event['detect_s']:.2f} + restart {event['restart_s']:.2f} + restore {event['restore_s']:.2f} "
+                f"+ first step {event['first_step_s']:.2f}")
+    if kind == "straggler":
+        return (f"straggler: rank {event['rank']} (node {event['node']}) busy {event['busy_s']:.3f}s per step "
+                f"vs median {event['median_busy_s']:.3f}s")
+    if kind == "gave_up":
+        return f"gave up: {event['message']}"
+    return f"finished after {event['restarts']} recoveries"
+
+
+def timeline(run_dir: str, since: float) -> list[str]:
+    """A header and one line per controller event at or after `since`, timed in seconds from `since`."""
+    path = os.path.join(run_dir, "events.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        events = [e for e in map(json.loads, f) if e["time"] >= since and e["event"] in SHOWN]
+    return [f"phalanx ray: timeline of {run_dir} (seconds since launch)"] + [
+        f"  {e['time'] - since:8.2f}  {_line(e)}" for e in events]
