@@ -155,3 +155,32 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
     proc.wait(timeout=timeout)
     _, alive = psutil.wait_procs(victims, timeout=timeout)
     assert not alive, f"still running after SIGKILL: {alive}"
+
+
+def assert_loopback_only() -> None:
+    """Ray, as this process has it (a local instance or a `Cluster` it started), is on loopback only: every
+    node and the GCS advertise 127.0.0.1, and no socket of this process, its descendants (GCS, raylets,
+    agents, workers) or any process of the Ray session binds or connects to another address."""
+    import ipaddress
+
+    import psutil
+    import ray
+
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:"), ray.get_runtime_context().gcs_address
+    addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    assert addresses and set(addresses.values()) == {"127.0.0.1"}, addresses
+    me = psutil.Process()
+    procs = {p.pid: p for p in [me, *me.children(recursive=True)]}
+    session = ray._private.worker._global_node.get_session_dir_path()
+    for proc in psutil.process_iter(["cmdline"]):
+        if session in " ".join(proc.info["cmdline"] or []):
+            procs[proc.pid] = proc
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        return address.is_loopback or (address.version == 6 and bool(address.ipv4_mapped)
+                                       and address.ipv4_mapped.is_loopback)
+
+    bad = [(c.pid, c.laddr, c.raddr, c.status) for c in psutil.net_connections(kind="inet")
+           if c.pid in procs and not (loopback(c.laddr.ip) and (not c.raddr or loopback(c.raddr.ip)))]
+    assert len(procs) > 3 and not bad, f"non-loopback sockets of Ray's processes: {bad}"
