@@ -2,8 +2,8 @@
 summary and the recovery table, from metrics.jsonl and events.jsonl.
 
 Where a mark goes: an injected fault at the step its victim had finished; a failure at the newest
-step reached before it (the restored step plus the steps lost, both in its `recovery` event); training
-resumed at the restored step (the next logged step is the first after recovery). Plain relaunches
+step reached before it (the restored step plus the steps lost of its `recovery` event, or a newer step an
+event recorded before it); training resumed at the restored step (the next logged step is the first after recovery). Plain relaunches
 (`resume` without a controller's failure) and stop requests (`interrupted`) are marked too.
 """
 
@@ -77,8 +77,9 @@ def marks(events: list[dict]) -> list[Mark]:
             ranks = ",".join(map(str, event["ranks"]))
             if recovery is not None:
                 windows.append((event["time"], recovery["time"]))
-                out.append(Mark(recovery["step"] + recovery["steps_lost"], "failure",
-                                f"{event['cause']} (rank {ranks})"))
+                # The controller's count comes from heartbeats, which may miss the last step before a kill.
+                reached = max(recovery["step"] + recovery["steps_lost"], _step_before(events, event["time"]) or 0)
+                out.append(Mark(reached, "failure", f"{event['cause']} (rank {ranks})"))
                 out.append(Mark(recovery["step"], "recovered",
                                 f"from {recovery['restored_from']}, {recovery['downtime_s']:.1f}s down"))
             else:

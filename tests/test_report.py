@@ -99,6 +99,15 @@ def test_marks_put_faults_failures_and_resumptions_at_their_steps():
     ]  # the trainers' `resume` events inside a recovery are not marked again
 
 
+def test_a_failure_is_marked_at_the_newest_step_any_event_saw_before_it():
+    """A kill right after step 8, before the controller's next heartbeat: it counted 0 steps lost from step 7."""
+    killed = failure(T0 + 10, "dead worker", [1], [0])
+    events = [{"time": T0 + 9.9, "event": "fault_injected", "spec": "kill:rank=1:step=8", "kind": "kill", "rank": 1,
+               "step": 8}, killed, *relaunch(T0 + 12, 7, "keeper"),
+              recovery(killed, T0 + 12.3, 7, 0, "keeper", (0.5, 1.5, 0.03, 0.2))]
+    assert [(m.step, m.kind) for m in marks(events)] == [(8, "fault"), (8, "failure"), (7, "recovered")]
+
+
 def test_report_prints_the_recovery_table_and_draws_the_marks(tmp_path, capsys):
     run = write_run(tmp_path, two_recoveries(), range(1, 11))
     assert main(["report", str(run)]) == 0
