@@ -217,6 +217,9 @@ def run_raytrain(args: argparse.Namespace, root: str) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").lower() in ("0", "false"):
+        raise SystemExit("recovery benchmark: RAY_TRAIN_V2_ENABLED=0 selects Ray Train V1, whose controller has no "
+                         "after_exception callback to time detection by; unset it (V2 is the installed default)")
     start_ray(num_cpus=2 * args.workers)
     log = os.path.join(root, "raytrain-events.jsonl")
     trainer = TorchTrainer(
