@@ -1,10 +1,12 @@
 """`phalanx report RUN_DIR`: loss and throughput curves with failure and recovery marks (PNG), a
 summary and the recovery table, from metrics.jsonl and events.jsonl.
 
-Where a mark goes: an injected fault at the step its victim had finished; a failure at the newest
-step reached before it (the restored step plus the steps lost of its `recovery` event, or a newer step an
-event recorded before it); training resumed at the restored step (the next logged step is the first after recovery). Plain relaunches
-(`resume` without a controller's failure) and stop requests (`interrupted`) are marked too.
+Where a mark goes: an injected fault at the step its victim had finished; a failure at the newest step
+reached before it (the restored step plus the steps lost of its `recovery` event, or a newer step an
+event recorded before it); training resumed at the restored step (the next logged step is the first
+after recovery). A failure that struck while the previous one was being recovered ends that recovery:
+the later failure's `recovery` answers both. Plain relaunches (`resume` without a controller's failure)
+and stop requests (`interrupted`) are marked too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from phalanx.errors import PhalanxError
 
@@ -50,14 +52,22 @@ def step_metrics(run_dir: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _recovery_of(failure: dict, events: list[dict]) -> Optional[dict]:
-    """The `recovery` event that answers `failure` (same detection instant), if the run recovered."""
-    return next((e for e in events if e["event"] == "recovery" and e["time"] >= failure["time"]
-                 and e.get("detected_at") == failure.get("detected_at")), None)
+def _outcome(failure: dict, events: list[dict]) -> tuple[Optional[dict], str, float]:
+    """(its `recovery` event or None, what became of it, when its recovery window ended): recovered;
+    interrupted by the next failure (a failure during recovery); or not recovered (the controller gave up)."""
+    later = [e for e in events if e["time"] >= failure["time"] and e is not failure]
+    for event in later:
+        if event["event"] == "recovery" and event.get("detected_at") == failure.get("detected_at"):
+            return event, "recovered", event["time"]
+        if event["event"] == "failure":
+            return None, "recovery interrupted by the next failure", event["time"]
+        if event["event"] == "gave_up":
+            return None, "not recovered", event["time"]
+    return None, "not recovered", float("inf")
 
 
 def _step_before(events: list[dict], when: float) -> Optional[int]:
-    """The newest step any event recorded up to `when` (a failure that was never recovered)."""
+    """The newest step any event recorded up to `when`."""
     steps = [e["step"] for e in events if e["time"] <= when and isinstance(e.get("step"), int)]
     return max(steps) if steps else None
 
@@ -65,7 +75,7 @@ def _step_before(events: list[dict], when: float) -> Optional[int]:
 def marks(events: list[dict]) -> list[Mark]:
     """Failure and recovery marks of a run's events, in time order."""
     out: list[Mark] = []
-    windows: list[tuple[float, float]] = []  # (failure, recovery) times: the trainers' resume inside is the recovery
+    windows: list[tuple[float, float]] = []  # failure -> its end: the trainers' `resume` inside is the recovery
     for event in events:
         kind = event["event"]
         if kind == "fault_injected":
@@ -73,20 +83,16 @@ def marks(events: list[dict]) -> list[Mark]:
                      else f"{event.get('kind', 'fault')} rank {event.get('rank')}")
             out.append(Mark(event["step"], "fault", label))
         elif kind == "failure":
-            recovery = _recovery_of(event, events)
-            ranks = ",".join(map(str, event["ranks"]))
+            recovery, outcome, end = _outcome(event, events)
+            windows.append((event["time"], end))
+            what = f"{event['cause']} (rank {','.join(map(str, event['ranks']))})"
+            # The controller counts steps from heartbeats, which may miss the last step before a kill.
+            reached = max(recovery["step"] + recovery["steps_lost"] if recovery else 0,
+                          _step_before(events, event["time"]) or 0)
+            out.append(Mark(reached, "failure", what if recovery else f"{what}, {outcome}"))
             if recovery is not None:
-                windows.append((event["time"], recovery["time"]))
-                # The controller's count comes from heartbeats, which may miss the last step before a kill.
-                reached = max(recovery["step"] + recovery["steps_lost"], _step_before(events, event["time"]) or 0)
-                out.append(Mark(reached, "failure", f"{event['cause']} (rank {ranks})"))
                 out.append(Mark(recovery["step"], "recovered",
                                 f"from {recovery['restored_from']}, {recovery['downtime_s']:.1f}s down"))
-            else:
-                windows.append((event["time"], float("inf")))
-                step = _step_before(events, event["time"])
-                if step is not None:
-                    out.append(Mark(step, "failure", f"{event['cause']} (rank {ranks}), not recovered"))
         elif kind == "interrupted":
             out.append(Mark(event["step"], "interrupted", "stopped"))
         elif kind == "resume" and not any(start <= event["time"] <= end for start, end in windows):
@@ -105,9 +111,11 @@ def recovery_table(events: list[dict]) -> list[str]:
                          str(event["step"]), str(event["steps_lost"]),
                          *(f"{event[k]:.2f}" for k in ("downtime_s", "detect_s", "restart_s", "restore_s",
                                                        "first_step_s"))))
-        elif event["event"] == "failure" and _recovery_of(event, events) is None:
-            rows.append((event["cause"], _ints(event["ranks"]), _ints(event["nodes"]), "not recovered",
-                         *("-" for _ in header[4:])))
+        elif event["event"] == "failure":
+            recovery, outcome, _ = _outcome(event, events)
+            if recovery is None:
+                rows.append((event["cause"], _ints(event["ranks"]), _ints(event["nodes"]), outcome,
+                             *("-" for _ in header[4:])))
     if not rows:
         return ["recoveries: none"]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]

@@ -108,6 +108,32 @@ def test_a_failure_is_marked_at_the_newest_step_any_event_saw_before_it():
     assert [(m.step, m.kind) for m in marks(events)] == [(8, "fault"), (8, "failure"), (7, "recovered")]
 
 
+def test_a_failure_during_a_recovery_is_shown_as_interrupting_it(tmp_path, capsys):
+    """Rank 1 killed after step 3; rank 0 killed while it restored step 3; the second recovery succeeds."""
+    first = failure(T0 + 10, "dead worker", [1], [0])
+    second = failure(T0 + 14, "dead worker", [0], [0])
+    events = [{"time": T0 + 9.8, "event": "fault_injected", "spec": "kill:rank=1:step=3", "kind": "kill", "rank": 1,
+               "step": 3}, first,
+              {"time": T0 + 10.2, "event": "workers", "attempt": 1, "nodes": [0, 0], "node_ids": ["a", "a"]},
+              {"time": T0 + 13.5, "event": "fault_injected", "spec": "kill_restoring:rank=0:step=2",
+               "kind": "kill_restoring", "rank": 0, "step": 3}, second,
+              {"time": T0 + 14.2, "event": "workers", "attempt": 2, "nodes": [0, 0], "node_ids": ["a", "a"]},
+              *relaunch(T0 + 17, 3, "keeper"), recovery(second, T0 + 17.3, 3, 0, "keeper", (0.3, 2.5, 0.03, 0.2))]
+    assert marks(events) == [
+        Mark(3, "fault", "kill rank 1"),
+        Mark(3, "failure", "dead worker (rank 1), recovery interrupted by the next failure"),
+        Mark(3, "fault", "kill_restoring rank 0"),
+        Mark(3, "failure", "dead worker (rank 0)"),
+        Mark(3, "recovered", "from keeper, 3.0s down"),
+    ]
+    run = write_run(tmp_path, events, range(1, 7))
+    assert main(["report", str(run)]) == 0
+    rows = [[c.strip() for c in line.split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith("dead worker")]
+    assert [row[:4] for row in rows] == [["dead worker", "1", "0", "recovery interrupted by the next failure"],
+                                         ["dead worker", "0", "0", "keeper"]]
+
+
 def test_report_prints_the_recovery_table_and_draws_the_marks(tmp_path, capsys):
     run = write_run(tmp_path, two_recoveries(), range(1, 11))
     assert main(["report", str(run)]) == 0
