@@ -3,7 +3,6 @@ its node's spare, already warmed, and a new spare takes its place; GPU bundles g
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -14,11 +13,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's processes bind and advertise 127.0.0.1 only
-    from ray._private import ray_constants
+    from phalanx.launch.controller import start_local_ray
 
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, log_to_driver=False)
+    start_local_ray(num_cpus=4, log_to_driver=False)  # binds and advertises 127.0.0.1 only
     yield
     ray.shutdown()
 
