@@ -137,7 +137,9 @@ class Controller:
         from phalanx.launch.actors import kill
 
         keep: list[Optional[Any]] = list(workers)
-        if failure.cause == "lost node":
+        # DeepSpeed keeps process-wide state (its process groups) that a second run in the same process
+        # trips over ("Group ... is not registered"): ZeRO ranks always restart in fresh processes.
+        if failure.cause == "lost node" or self.cfg.parallel.dp_backend == "zero":
             keep = [None] * len(workers)
         for rank in failure.ranks:
             keep[rank] = None
