@@ -94,8 +94,9 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached within {timeout}s")
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint folder as one dict: the DCP part, plus each rank's own file under "rank-R"."""
+def load_checkpoint(path: Path, rank_local: bool = True) -> dict:
+    """A checkpoint folder as one dict: the DCP part, plus each rank's own file under "rank-R" (not read
+    with `rank_local=False`: ZeRO's hold DeepSpeed objects that only a trainer's template rebuilds)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = Path(str(path) + ".pt-export")
@@ -104,7 +105,7 @@ def load_checkpoint(path: Path) -> dict:
     state = torch.load(out, weights_only=False)
     from phalanx.checkpoint.persistent import read_rank_local
 
-    for rank_file in sorted(Path(path).glob("rank-*.safetensors")):
+    for rank_file in sorted(Path(path).glob("rank-*.safetensors")) if rank_local else []:
         state[rank_file.stem] = read_rank_local(rank_file.read_bytes())
     return state
 

@@ -102,4 +102,20 @@ class ZeroStrategy(TorchDataParallel):
         # At stage 3 the parameters are partitions restored from the fp32 master weights below.
         # DeepSpeed takes one state per data-parallel rank and reads its own; ours is this rank's.
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        _int_param_ids(optim_state)
         model.optimizer.load_state_dict([optim_state] * world, load_from_fp32_weights=True)
+
+
+def _int_param_ids(state: Any) -> None:
+    """DCP's flattening names every path element `str(key)`, so a restored torch optimizer state has its
+    integer parameter ids as "0", "1", ...; torch's load_state_dict keeps such entries under the strings,
+    beside the real ones the next step creates (the moments are lost and the next snapshot fails with
+    "duplicated flatten key ...state.0.step"). Put the integers back, in place."""
+    if isinstance(state, dict):
+        if isinstance(state.get("state"), dict) and "param_groups" in state:
+            state["state"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in state["state"].items()}
+        for value in state.values():
+            _int_param_ids(value)
+    elif isinstance(state, list):
+        for value in state:
+            _int_param_ids(value)

@@ -102,10 +102,11 @@ def restore_tiers(run_dir) -> list[list[str]]:
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_dim=64"]
 
 # One layout per parallelism, 2 workers each (tests/launch/test_torchrun.py LAYOUTS); DDP is the default layout
-# of the tests above. ZeRO is missing: after a kill it restores from storage (its fresh state's layout differs
-# from the snapshots'), and its next snapshot fails: "duplicated flatten key optim.base_optimizer_state.state.0.step".
+# of the tests above. ZeRO snapshots at persist steps only and restores from storage after a restart (a fresh
+# DeepSpeed state does not have the snapshots' layout), so it persists every 2 steps here.
 LAYOUTS = {
     "fsdp2": ["parallel.dp_backend=fsdp"],
+    "zero2": ["parallel.dp_backend=zero", "parallel.zero_stage=2", "checkpoint.persist_every=2"],
     "sp2": ["parallel.dp=1", "parallel.sp=2"],
     "moe-ep2": [*MOE, "parallel.ep=2"],
     "pp2": ["model.n_layers=4", "parallel.pp=2"],
@@ -120,10 +121,12 @@ def test_every_layout_recovers_a_killed_worker_bit_for_bit(layout, local_ray, tm
     assert controller(tmp_path, *extra, "fault.inject=[kill:rank=1:step=4]") == 0
     run_dir = tmp_path / "t"
     recovery = of(run_dir, "recovery")
-    assert [(r["cause"], r["ranks"], r["restored_from"]) for r in recovery] == [("dead worker", [1], "keeper")]
-    assert recovery[0]["steps_lost"] <= 1, recovery
-    assert_bitwise_equal(load_checkpoint(final_checkpoint(tmp_path / "ref" / "t", 8)),
-                         load_checkpoint(final_checkpoint(run_dir, 8)))
+    zero = layout.startswith("zero")
+    assert [(r["cause"], r["ranks"], r["restored_from"]) for r in recovery] == [
+        ("dead worker", [1], "storage" if zero else "keeper")]
+    assert recovery[0]["steps_lost"] <= (2 if zero else 1), recovery
+    assert_bitwise_equal(load_checkpoint(final_checkpoint(tmp_path / "ref" / "t", 8), rank_local=not zero),
+                         load_checkpoint(final_checkpoint(run_dir, 8), rank_local=not zero))
     assert losses(run_dir) == losses(tmp_path / "ref" / "t")
 
 
