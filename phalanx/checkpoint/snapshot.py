@@ -494,7 +494,7 @@ class SnapshotEngine:
         if stored is None:
             return None, None, {}
         state = self.store.load(stored, template_fn(), self.ctx.rank, self.ctx.world_size, self.rank_local_keys)
-        reason = (f"no step newer than {stored} is complete in the keepers of all ranks"
+        reason = (f"no step newer than {stored} is complete in the keepers of all ranks ({_held(everyone)})"
                   if step is None else f"storage step {stored} is newer than memory step {step}")
         return state, stored, {"tier": "storage", "reason": reason}
 
@@ -620,6 +620,17 @@ def _padded(block: torch.Tensor, length: int) -> torch.Tensor:
     out = torch.zeros(length, dtype=torch.uint8)
     out[: block.numel()] = block
     return out
+
+
+def _held(everyone: list[dict[str, Any]]) -> str:
+    """What the keepers hold for this run's layout, per rank: 'rank 0: steps 14, 15; rank 1: none'."""
+    steps: dict[int, set[int]] = {}
+    for inv in everyone:
+        for rank, held in inv["data"].items():
+            steps.setdefault(rank, set()).update(held)
+    ranks = sorted(steps.keys() | set(range(len(everyone))))
+    return "; ".join(f"rank {r}: " + (f"steps {', '.join(map(str, sorted(steps[r])))}" if steps.get(r) else "none")
+                     for r in ranks)
 
 
 def _summary(tiers: list[str]) -> str:
