@@ -5,12 +5,15 @@ back end shards it, + activations of the micro-batches in flight (1 without pp; 
 1F1B, all of a run's for GPipe). Parameter, gradient and optimizer bytes are exact for ddp, fsdp and
 ep (tested against what each rank holds); activations are an estimate of what autograd keeps.
 
-Step time = compute (the rank's FLOPs over achieved FLOP/s, / (1 - bubble) under pp — less where
-ranks share CPU cores and the busy ones speed up in the bubble (`idle_speedup`), 4/3 of the block
-compute with activation checkpointing) + exposed communication (alpha-beta per collective,
-`placement.collective_time`: sp/ep all-to-alls and pipeline sends are on the critical path; DDP and
-FSDP traffic hides behind up to `overlap` x backward compute) + the optimizer step (memory-bound) +
-a fixed per-step overhead (calibrated).
+Step time = compute (the rank's FLOPs over achieved FLOP/s plus a fixed cost per micro-batch, 4/3 of the
+block compute with activation checkpointing; slower by `contention.slowdown` while ranks sharing CPU cores
+compute at once; under pp the schedule's slots, `contention.pipeline_time`, so the bubble costs m * work *
+bubble / (1 - bubble) on devices of their own and less where the ramps free shared cores) + exposed
+communication (alpha-beta per collective, `placement.collective_time`: sp/ep all-to-alls and pipeline sends
+are on the critical path; DDP and FSDP traffic hides behind up to `overlap` x backward compute) + the copies
+around them (Ulysses' pack / unpack, FSDP2's copy-in / copy-out), FSDP2's fixed cost per all-gather /
+reduce-scatter and the wait of every sp / ep collective for the slowest rank + the optimizer step (memory-bound; plus a per-parameter cost for FSDP's DTensor shards) + a
+fixed per-step overhead. Every CPU term is calibrated by `phalanx plan --calibrate`'s micro-benchmarks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from phalanx.scheduler.contention import pipeline_time, slowdown
 from phalanx.scheduler.layout import Layout
 from phalanx.scheduler.placement import LOGICAL, comm_times, critical_ranks
 from phalanx.scheduler.shapes import ModelShapes, model_shapes
@@ -124,6 +128,41 @@ def stage_flops_per_token(cfg: Any, shapes: ModelShapes, layout: Layout, pp_rank
     return per_block * sum(len(s.blocks) for s in stages), head * any(s.last for s in stages)
 
 
+def sharded_tensors(cfg: Any, layout: Layout, pp_rank: int = 0) -> int:
+    """Parameter tensors FSDP2 turns into DTensor shards on this rank (0 under other back ends)."""
+    if layout.dp_backend != "fsdp" or layout.dp * layout.sp == 1:
+        return 0
+    shapes = model_shapes(cfg.model)
+    return sum(len(g) for s in rank_stages(cfg, layout, pp_rank) for g in _data_parallel_shapes(shapes, s, layout.ep))
+
+
+def cpu_comm_costs(traffic: dict[int, dict], layout: Layout, topo: Topology) -> dict[str, float]:
+    """Seconds per step of the work around collectives that is neither wire time nor FLOPs, on the most loaded
+    rank: Ulysses packs every all-to-all's send buffer and unpacks its receive buffer (two strided copies of its
+    bytes, q/k/v as separate copies in and out); FSDP2 copies each all-gather's output out of the flat buffer and
+    each reduce-scatter's input in, and pays a fixed cost per call (hooks, stream and buffer bookkeeping)."""
+    out: dict[str, float] = {}
+    n = layout.dp * layout.sp
+    for flows in traffic.values():
+        mine: dict[str, float] = {}
+        a2a = flows.get("all_to_all/sp")
+        if a2a is not None and a2a.calls:
+            # forward and backward: q, k, v packed in and copied out (3 + 3 copies), the output (1 + 1)
+            mine["copies/sp"] = 2 * a2a.bytes / topo.copy.bandwidth + 4 * a2a.calls * topo.copy.latency_s
+        # every collective inside forward / backward waits for the slowest rank of its group
+        inside = sum(f.calls or 0 for key, f in flows.items() if key.split("/")[1] in ("sp", "ep"))
+        if inside and topo.sync_s:
+            mine["sync/sp_ep"] = inside * topo.sync_s
+        if layout.dp_backend == "fsdp" and n > 1:
+            gather, scatter = flows.get("all_gather/dp_sp"), flows.get("reduce_scatter/dp_sp")
+            calls = sum(f.calls or 0 for f in (gather, scatter) if f is not None)
+            nbytes = (gather.bytes * n if gather else 0) + (scatter.bytes if scatter else 0)
+            mine["fsdp/dp_sp"] = calls * (topo.fsdp_call_s + topo.copy.latency_s) + nbytes / topo.copy.bandwidth
+        for key, t in mine.items():
+            out[key] = max(out.get(key, 0.0), t)
+    return out
+
+
 @dataclass
 class StepCost:
     layout: Layout
@@ -154,28 +193,35 @@ def step_cost(cfg: Any, layout: Layout, topo: Topology, order: Optional[tuple[st
     traffic = {r: step_traffic(cfg, layout, r) for r in ranks}
     times = comm_times(cfg, layout, topo, order, traffic)
 
-    worst_compute, worst_mem, optimizer_s = 0.0, None, 0.0
+    worst_mb, worst_mem, optimizer_s = 0.0, None, 0.0
     for r in ranks:
         blocks, head = stage_flops_per_token(cfg, shapes, layout, r)
         if layout.activation_checkpointing:
             blocks *= 4 / 3  # one more forward of every block in backward
         share = sum(len(s.blocks) for s in rank_stages(cfg, layout, r)) / len(shapes.blocks)
-        fixed = A * topo.microbatch_overhead_s * share  # per micro-batch, for this rank's share of the model
-        worst_compute = max(worst_compute, tokens_rank * (blocks + head) / rate + fixed)
+        # one micro-batch's forward + backward on this rank, computing alone: FLOPs + the fixed cost of its share
+        per_mb = tokens_rank / A * (blocks + head) / rate + topo.microbatch_overhead_s * share
+        worst_mb = max(worst_mb, per_mb)
         mem = memory(cfg, layout, r)
         if worst_mem is None or mem.total > worst_mem.total:
             worst_mem = mem
         # AdamW updates the parameters whose moments this rank holds (a shard under fsdp and zero)
-        optimizer_s = max(optimizer_s, mem.optim / 8 * OPTIMIZER_TOUCH / topo.optimizer_bytes_per_s)
+        optimizer_s = max(optimizer_s, mem.optim / 8 * OPTIMIZER_TOUCH / topo.optimizer_bytes_per_s
+                          + sharded_tensors(cfg, layout, r) * topo.fsdp_param_s)
+    node_ranks = min(layout.world, topo.gpus_per_node)  # the ranks that share one node's cores
+    busy = A * worst_mb * slowdown(topo.contention, node_ranks)  # every rank computing at once
     bubble = 0.0
-    compute_s = worst_compute
+    compute_s = busy
     if layout.pp > 1:
         from phalanx.scheduler.pipeline import theoretical_bubble
 
-        bubble = theoretical_bubble(layout.pp, layout.pipeline_microbatches(cfg.train.batch_size), layout.virtual)
-        # the idle share of the step; ranks that share cores (idle_speedup > 1) work faster through it
-        compute_s = worst_compute * (1 + bubble / (1 - bubble) / topo.idle_speedup)
-    hideable = topo.overlap * worst_compute * 2 / 3  # backward's share of the compute
+        m = layout.pipeline_microbatches(cfg.train.batch_size)
+        bubble = theoretical_bubble(layout.pp, m, layout.virtual)
+        compute_s = A // m * pipeline_time(worst_mb, layout.pp, m, layout.virtual, layout.dp * layout.sp,
+                                           topo.contention, node_ranks)
+    hideable = topo.overlap * busy * 2 / 3  # backward's share of the compute
+    for key, t in cpu_comm_costs(traffic, layout, topo).items():
+        times[key] = max(times.get(key, 0.0), t)
     exposed: dict[str, float] = {}
     for key, t in sorted(times.items(), key=lambda kv: kv[0]):
         if key.split("/")[1] in OVERLAPPED:

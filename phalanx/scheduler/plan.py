@@ -209,7 +209,10 @@ def plan_command(args: Any) -> int:
         print(f"calibrated {topo.nodes} x {topo.gpus_per_node} {topo.device}: {topo.peak_flops * topo.achieved:.3g} "
               f"FLOP/s achieved, {topo.microbatch_overhead_s * 1e3:.2f} ms fixed per micro-batch, intra "
               f"{topo.intra.bandwidth / 1e9:.2f} GB/s + {topo.intra.latency_s * 1e6:.0f} us, inter "
-              f"{topo.inter.bandwidth / 1e9:.2f} GB/s + {topo.inter.latency_s * 1e6:.0f} us -> {path}")
+              f"{topo.inter.bandwidth / 1e9:.2f} GB/s + {topo.inter.latency_s * 1e6:.0f} us; slow-down with 1..n ranks "
+              f"busy {'/'.join(f'{c:.2f}' for c in topo.contention) or '-'}, copies {topo.copy.bandwidth / 1e9:.1f} GB/s, "
+              f"wait {topo.sync_s * 1e3:.2f} ms per sp/ep collective, FSDP {topo.fsdp_call_s * 1e3:.2f} ms per "
+              f"collective + {topo.fsdp_param_s * 1e6:.0f} us per sharded parameter -> {path}")
         topo = topo.resized(args.nodes, args.gpus_per_node)
     elif args.topology:
         topo = load_topology(args.topology, args.nodes, args.gpus_per_node)

@@ -41,9 +41,18 @@ class Topology:
     optimizer_bytes_per_s: float = 1e12  # AdamW streams params, grads and two moments: memory bandwidth
     step_overhead_s: float = 0.0  # fixed per-step cost outside the model (launches, Python)
     microbatch_overhead_s: float = 0.0  # fixed cost of one micro-batch's forward + backward of the whole model
-    # How much faster a rank computes while the others idle (1: devices of their own, as GPUs). Ranks sharing
-    # CPU cores get the idle ranks' share in a pipeline bubble, so the bubble costs them less.
-    idle_speedup: float = 1.0
+    # Ranks sharing CPU cores: contention[j - 1] = how much slower a rank computes while j ranks of its node
+    # compute at once (`contention.slowdown`); empty: devices of their own (GPUs). `peak_flops * achieved` and
+    # `microbatch_overhead_s` are then a rank's rate and fixed cost while it computes alone.
+    contention: tuple[float, ...] = ()
+    # Strided copies in a step's critical path that are neither FLOPs nor wire bytes: Ulysses' pack into the
+    # all-to-all send buffer and unpack out of the receive buffer, FSDP2's copy-in / copy-out (latency_s is per copy).
+    copy: Link = Link(1e12, 0.0)
+    fsdp_call_s: float = 0.0  # fixed cost of one FSDP2 all-gather / reduce-scatter beyond the link's latency
+    fsdp_param_s: float = 0.0  # extra clip + optimizer cost per step of one FSDP-sharded (DTensor) parameter
+    # Fixed cost of a collective inside forward / backward (sp / ep all-to-alls) beyond its alpha-beta time: ranks
+    # arrive apart and blocked ones wake up (0 on GPUs: kernels queue and the CPU runs ahead).
+    sync_s: float = 0.0
     calibrated: bool = False
 
     @property
@@ -57,6 +66,9 @@ class Topology:
     def from_dict(d: dict) -> "Topology":
         d = dict(d)
         d["intra"], d["inter"] = Link(**d["intra"]), Link(**d["inter"])
+        if "copy" in d:
+            d["copy"] = Link(**d["copy"])
+        d["contention"] = tuple(d.get("contention", ()))
         names = {f.name for f in fields(Topology)}
         return Topology(**{k: v for k, v in d.items() if k in names})
 
@@ -94,6 +106,7 @@ def preset(device: str = "H100", nic: str = "ndr400", nodes: int = 1, gpus_per_n
         inter=Link(0.8 * NICS[nic], 15e-6 if not cpu else 100e-6),
         overlap=0.0 if cpu else 1.0,  # gloo on a few cores overlaps nothing worth counting
         optimizer_bytes_per_s=hbm * 0.7,
+        copy=Link(hbm * 0.35, 0.0),  # a copy reads and writes: half the achieved memory bandwidth
     )
 
 
