@@ -7,7 +7,7 @@ and fsdp), then measure each with the real trainer (fastest step of the timed st
 Prints one line per layout and, last, a JSON line:
 `{"max_abs_error": .., "recommended_vs_best": measured(recommended) / measured(best), ...}`.
 
-    .venv/bin/python benchmarks/plan.py [--steps 6] [--worlds 2 4]
+    .venv/bin/python benchmarks/plan.py [--steps 5] [--worlds 2 4] [--rounds 3] [--topology-out PREFIX]
 """
 
 from __future__ import annotations
@@ -54,21 +54,31 @@ def grid(world: int) -> list[Layout]:
     return out
 
 
-def least_disturbed(topos: list[Topology]) -> Topology:
-    """Each calibrated figure at its least disturbed round (fastest compute, fastest link), as the measured
-    side takes each layout's fastest step: on a shared machine other work only ever adds time."""
-    best = max(topos, key=lambda t: t.peak_flops * t.achieved)
-    link = max(topos, key=lambda t: t.intra.bandwidth).intra
-    return replace(best, intra=link, inter=link,
-                   microbatch_overhead_s=min(t.microbatch_overhead_s for t in topos),
-                   optimizer_bytes_per_s=max(t.optimizer_bytes_per_s for t in topos))
+def least_disturbed(topos: list[Topology], microbatch_flops: float) -> Topology:
+    """Each calibrated figure at its least disturbed round, as the measured side takes each layout's fastest
+    step: on a shared machine other work only ever adds time. Rate and fixed cost come from one round (they are
+    one line), the one whose micro-batch is fastest; contention as the fastest time of a micro-batch with j ranks
+    busy over the fastest alone; every other figure is its round's best."""
+    def solo(t: Topology) -> float:
+        return t.microbatch_overhead_s + microbatch_flops / (t.peak_flops * t.achieved)
+
+    best = min(topos, key=solo)
+    link = min((t.intra for t in topos), key=lambda link: link.time(1 << 20))
+    copy = min((t.copy for t in topos), key=lambda link: link.time(1 << 20))
+    width = max(len(t.contention) for t in topos)
+    busy = [min(solo(t) * t.contention[j] for t in topos if len(t.contention) > j) for j in range(width)]
+    return replace(best, intra=link, inter=link, copy=copy, contention=tuple(max(1.0, b / solo(best)) for b in busy),
+                   optimizer_bytes_per_s=max(t.optimizer_bytes_per_s for t in topos),
+                   fsdp_call_s=min(t.fsdp_call_s for t in topos), fsdp_param_s=min(t.fsdp_param_s for t in topos),
+                   sync_s=min(t.sync_s for t in topos))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--topology-out", default=None, help="save each world's least disturbed calibration here")
     args = parser.parse_args()
     cfg = load_config(CONFIG, BASE)
     summary: dict = {"worlds": {}}
@@ -85,7 +95,14 @@ def main() -> None:
                 # work on this shared machine (calibration takes minima too)
                 step = min(max(r["seconds"][i] for r in ranks) for i in range(1, args.steps))
                 measured[lay] = min(measured.get(lay, step), step)
-        topo = least_disturbed(topos)
+        from phalanx.models import flops_per_token
+
+        topo = least_disturbed(topos, cfg.train.micro_batch_size * cfg.data.seq_len *
+                               flops_per_token(cfg.model, cfg.data.seq_len))
+        if args.topology_out:
+            from phalanx.scheduler.topology import save_topology
+
+            save_topology(topo, f"{args.topology_out}.{world}.json")
         predicted = {c.layout: c for c in plan(cfg, topo, refine=0, layouts=layouts).rows}
         for lay in layouts:
             ratio = predicted[lay].step_s / measured[lay]
@@ -101,9 +118,14 @@ def main() -> None:
             "recommended": recommended.name(), "best": best.name(), "recommended_vs_best": round(rec_vs_best, 3),
             "layouts": {lay.name(): {"predicted_ms": round(predicted[lay].step_s * 1e3, 1),
                                      "measured_ms": round(measured[lay] * 1e3, 1)} for lay in layouts},
-            "calibration": {"flops": topo.peak_flops * topo.achieved, "microbatch_overhead_ms":
-                            topo.microbatch_overhead_s * 1e3, "link_GBps": topo.intra.bandwidth / 1e9,
-                            "link_latency_us": topo.intra.latency_s * 1e6},
+            "calibration": {"flops": round(topo.peak_flops * topo.achieved), "microbatch_overhead_ms":
+                            round(topo.microbatch_overhead_s * 1e3, 2), "link_GBps": round(topo.intra.bandwidth / 1e9, 3),
+                            "link_latency_us": round(topo.intra.latency_s * 1e6, 1),
+                            "contention": [round(c, 2) for c in topo.contention],
+                            "copy_GBps": round(topo.copy.bandwidth / 1e9, 2),
+                            "fsdp_call_ms": round(topo.fsdp_call_s * 1e3, 3),
+                            "fsdp_param_us": round(topo.fsdp_param_s * 1e6, 1),
+                            "sync_ms": round(topo.sync_s * 1e3, 3)},
         }
     summary["max_abs_error"] = round(max(errors), 3)
     summary["within_25pct"] = sum(e <= 0.25 for e in errors)
