@@ -8,9 +8,9 @@ Each figure is a term of the cost model (`cost.py`), measured on its own, never 
   * optimizer: the trainer's clip + AdamW step over the model's parameters (bytes touched per second);
   * copies: the strided copies a Ulysses all-to-all makes around the wire (pack, unpack) at the config's
     sizes, every rank at once; a line gives latency per copy and bytes per second;
-  * links: all-reduce and all-to-all at sizes from 4 kB to 4 MB over all ranks; least squares fits
-    latency and bandwidth to the same alpha-beta terms the cost model uses. All ranks of a one-node
-    calibration share a node, so the inter-node link keeps the preset's numbers unless run across nodes
+  * links: latency from 4 kB all-to-alls back to back, bandwidth by least squares over all-reduces and
+    all-to-alls from 4 kB to 4 MB (the alpha-beta terms of the cost model), over all ranks. All ranks of a
+    one-node calibration share a node, so the inter-node link keeps the preset's numbers unless run across nodes
     under torchrun (then the ranks of one node and the whole world are fitted separately);
   * sync (CPU): a small all-to-all after each of 16 pieces of matmul against the matmuls alone: what a
     collective inside forward / backward costs beyond the wire (waiting for the slowest rank, waking up);
@@ -57,12 +57,14 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def _interleaved(runs: list[tuple[Any, int]], repeats: int = REPEATS) -> list[float]:
+def _interleaved(runs: list[tuple[Any, int]], repeats: int = REPEATS, fastest: bool = False) -> list[float]:
     """Seconds of each (fn, ranks) where ranks 0..ranks-1 run fn at once, starting together, and the rest wait
     blocked (gloo waits without spinning): per repeat the slowest busy rank (as a step waits for its slowest
-    rank), then the median repeat. Not the fastest: each run is a small part of a step, and a step adds up many
-    such parts, typical ones (a step's least disturbed time is taken whole, by whoever times steps). The runs
-    take turns, `repeats` rounds of all of them, so a burst of other work on a shared machine disturbs them alike."""
+    rank), then the median repeat, or with `fastest` the fastest. The median for a small cost a step pays many
+    times (a call, a copy): a step adds up typical ones. The fastest for a micro-batch's compute, a large share of
+    a step: a step timed at its least disturbed (as benchmarks and users' best steps are) had it undisturbed too.
+    The runs take turns, `repeats` rounds of all of them, so a burst of other work on a shared machine disturbs
+    them alike."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     for fn, ranks in runs:  # warm-up
@@ -79,7 +81,7 @@ def _interleaved(runs: list[tuple[Any, int]], repeats: int = REPEATS) -> list[fl
                 seconds[i, r] = time.perf_counter() - start
     if world > 1:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return seconds.median(dim=1).values.tolist()
+    return (seconds.min(dim=1) if fastest else seconds.median(dim=1)).values.tolist()
 
 
 def measure_compute(cfg: Any) -> tuple[float, float, tuple[float, ...]]:
@@ -87,7 +89,7 @@ def measure_compute(cfg: Any) -> tuple[float, float, tuple[float, ...]]:
 
     Rate and fixed cost: a line through (FLOPs, seconds) of forward + backward at four token counts, one
     rank computing while the others wait. Contention: the full micro-batch with j = 2..world ranks computing
-    at once, over the same step alone. All interleaved (`_interleaved`)."""
+    at once, over the same step alone. All interleaved, each its fastest repeat (`_interleaved`)."""
     from phalanx.models import build_on_meta, flops_per_token, materialize
 
     model = materialize(build_on_meta(cfg.model), torch.device("cpu"), 0)
@@ -106,7 +108,7 @@ def measure_compute(cfg: Any) -> tuple[float, float, tuple[float, ...]]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     full = step_of(B, T)
     runs = [(step_of(b, t), 1) for b, t in sizes] + [(full, j) for j in range(2, world + 1)]
-    seconds = _interleaved(runs, repeats=2 * REPEATS)  # cheap runs: more repeats, less noise
+    seconds = _interleaved(runs, repeats=2 * REPEATS, fastest=True)
     fixed, slope = _line([(b * t * flops_per_token(cfg.model, t), sec) for (b, t), sec in zip(sizes, seconds)])
     slope = max(slope, 1e-15)  # seconds per FLOP
     solo = seconds[0]
@@ -225,7 +227,7 @@ def measure_fsdp(cfg: Any, link: Link, copy: Link, units: int = 4, layers: int =
 
 def _fit_link(samples: list[tuple[float, float, float]], latency: Optional[float] = None) -> Link:
     """seconds = latency * hops + volume / bandwidth over (hops, volume, seconds): with `latency` given (links:
-    measured on the smallest all-to-all), the bandwidth by least squares of what remains; a free two-parameter
+    measured on small all-to-alls), the bandwidth by least squares of what remains; a free two-parameter
     fit lets the big messages' noise swing the latency, which the many small calls of a step multiply. Without
     it (copies) both by least squares."""
     svv = sum(v * v for _, v, _ in samples)
@@ -247,7 +249,17 @@ def _fit_link(samples: list[tuple[float, float, float]], latency: Optional[float
 def measure_link(group: Any) -> Link:
     """alpha-beta of `group` from all-reduces and all-to-alls (the terms of placement.collective_time, one node)."""
     n = dist.get_world_size(group)
-    samples, latency = [], None
+    # Latency: the smallest all-to-all (the call a critical path repeats most: sp, ep), 16 back to back, so that
+    # leaving the barrier (ranks woken one by one on shared cores) is paid once, not per call.
+    small, small_out = torch.zeros(SIZES[0] // 4), torch.zeros(SIZES[0] // 4)
+    calls = 16
+
+    def back_to_back() -> None:
+        for _ in range(calls):
+            dist.all_to_all_single(small_out, small, group=group)
+
+    latency = _timed(back_to_back) / calls / (n - 1)
+    samples = []
     for size in SIZES:
         buf = torch.zeros(size // 4)
         out = torch.empty_like(buf)
@@ -255,8 +267,6 @@ def measure_link(group: Any) -> Link:
         samples.append((2 * (n - 1), 2 * size * (n - 1) / n, t))
         t = _timed(lambda: dist.all_to_all_single(out, buf, group=group))
         samples.append((n - 1, size * (n - 1) / n, t))
-        if latency is None:  # the smallest all-to-all: the call the critical path repeats most (sp, ep)
-            latency = t / (n - 1)
     # every rank fits its own numbers; the slowest rank's view is the one a collective waits for
     fitted = _fit_link(samples, latency)
     worst = torch.tensor([1.0 / fitted.bandwidth, fitted.latency_s], dtype=torch.float64)
