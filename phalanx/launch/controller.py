@@ -211,6 +211,12 @@ class Controller:
                 return
             for node, keeper in self.keepers.items():
                 if node in nodes and not self._keeper_alive(keeper):
+                    # Trainers that finish release their keeper just before their run returns (and the
+                    # ping above may have waited out its timeout meanwhile): gone at the end is no loss.
+                    done, _ = ray.wait(list(pending.values()), timeout=self.fault.heartbeat_s + 2.0,
+                                       num_returns=len(pending))
+                    if len(done) == len(pending):
+                        break  # the next pass collects them, errors included
                     ranks = [r for r, n in enumerate(nodes) if n == node]
                     raise Failure("lost node", ranks, [node], max(last_seen[r] for r in ranks),
                                   "its keeper is gone")
