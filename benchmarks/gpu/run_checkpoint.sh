@@ -3,12 +3,8 @@
 # async_save, per-step snapshot overhead) and the erasure codec on the GPU (Triton kernel vs torch path).
 # Run from the repo root on the GPU machine with the packages it lacks carried in .gpu/ (see run_moe.sh):
 #   bash benchmarks/gpu/run_checkpoint.sh        (log in $OUT/checkpoint_gpu.log)
-set -u
-OUT=${OUT:-/tmp/phalanx-gpu}
-mkdir -p "$OUT"
+source benchmarks/gpu/setup.sh
 LOG=$OUT/checkpoint_gpu.log
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH=$PWD:$PWD/.gpu/site:/tmp/site PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; nproc; free -g | head -2
   df -h /dev/shm /tmp | cat; echo "ulimit -l: $(ulimit -l)"; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee "$LOG"
 # The keeper's three slots of ~4.3 GB live in /dev/shm when it has room, else in a folder on /tmp.

@@ -3,12 +3,8 @@
 # bf16 training run of configs/tiny_moe.yaml. Run from the repo root on the GPU machine with the
 # packages it lacks carried in .gpu/ (site/: deepspeed, hjson, omegaconf copied from the venv;
 # whl/: pydantic and its cp312 needs):  bash benchmarks/gpu/run_moe.sh   (log in $OUT/moe_gpu.log)
-set -u
-OUT=${OUT:-/tmp/phalanx-gpu}
-mkdir -p "$OUT"
+source benchmarks/gpu/setup.sh
 LOG=$OUT/moe_gpu.log
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH=$PWD:$PWD/.gpu/site:/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
 date -u | tee -a "$LOG"
 timeout 150 python3 benchmarks/gpu/moe_check.py cuda 2>&1 | tee -a "$LOG"
