@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Optional
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -75,35 +76,49 @@ def _train(args: argparse.Namespace) -> int:
             print(to_yaml(cfg), end="")
         return 0
 
-    import torch.distributed
-
-    from phalanx.launch.dist import broadcast_object, init_distributed, shutdown
-    from phalanx.trainer import Trainer
-    from phalanx.trainer.rundir import prepare_run_dir
+    from phalanx.launch.dist import init_distributed, shutdown
 
     ctx = init_distributed(cfg)
     try:
-        # Rank 0 decides the folder (fresh or resumed) once; the others follow, or raise its error.
-        outcome = None
-        if ctx.is_main:
-            try:
-                outcome = prepare_run_dir(cfg)
-            except PhalanxError as err:
-                outcome = err
-        outcome = broadcast_object(outcome, ctx)
-        if isinstance(outcome, PhalanxError):
-            raise outcome
-        run_dir, messages = outcome
-        cfg.run.name = run_dir.rstrip("/").rsplit("/", 1)[-1]
-        if ctx.is_main:
-            for message in messages:
-                print(message, flush=True)
-        Trainer(cfg, ctx, run_dir).fit()
-        if ctx.distributed:
-            torch.distributed.barrier()  # no rank tears the process group down while a peer still uses it
-    finally:
+        _fit(cfg, ctx)
+    except BaseException as err:
+        # A failed rank lets its process groups go before it returns. Gloo closes a group's sockets only
+        # once nothing holds the group, and the traceback's frames hold the trainer (its DDP/FSDP wrappers,
+        # pipeline stages). Left open, they keep every rank that is not next to the dead one waiting out
+        # fault.collective_timeout_s; closed, each rank's failure reaches its neighbours in milliseconds.
+        traceback.clear_frames(err.__traceback__)
+        ctx.mesh = None
         shutdown()
+        raise
+    shutdown()
     return 0
+
+
+def _fit(cfg, ctx) -> None:
+    import torch.distributed
+
+    from phalanx.launch.dist import broadcast_object
+    from phalanx.trainer import Trainer
+    from phalanx.trainer.rundir import prepare_run_dir
+
+    # Rank 0 decides the folder (fresh or resumed) once; the others follow, or raise its error.
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = prepare_run_dir(cfg)
+        except PhalanxError as err:
+            outcome = err
+    outcome = broadcast_object(outcome, ctx)
+    if isinstance(outcome, PhalanxError):
+        raise outcome
+    run_dir, messages = outcome
+    cfg.run.name = run_dir.rstrip("/").rsplit("/", 1)[-1]
+    if ctx.is_main:
+        for message in messages:
+            print(message, flush=True)
+    Trainer(cfg, ctx, run_dir).fit()
+    if ctx.distributed:
+        torch.distributed.barrier()  # no rank tears the process group down while a peer still uses it
 
 
 def _data(args: argparse.Namespace) -> int:

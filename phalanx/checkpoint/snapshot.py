@@ -586,11 +586,25 @@ class SnapshotEngine:
     # ---- end -----------------------------------------------------------------------------
 
     def close(self, release: bool) -> None:
-        """Stop the worker; `release` (the run is over) lets the node's keeper exit."""
+        """Stop the worker; `release` (the run is over) lets the node's keeper exit.
+
+        A failed run (not `release`) waits for the running snapshot's copy only, not for its commit: that
+        all-reduce may wait on a dead peer until fault.collective_timeout_s, and a rank that holds its
+        process groups that long keeps every rank not next to the dead one waiting too (a failure reaches
+        the peers when the failed rank's groups close, `cli._train`). What the snapshot gave its keeper
+        stays there for the restore; the abandoned thread ends when its collective fails."""
         try:
-            self.finish()
+            if release:
+                self.finish()
+            elif self.job is not None:
+                self.copied.wait(self.timeout)  # the state's memory may go once the copy is done
+                self.job = None
+                # The abandoned thread holds this engine: let go of the trainer through it (its state
+                # functions reach the model, its DDP/FSDP wrappers and their process groups).
+                self.state_fn = self.light_fn = None  # type: ignore[assignment]
+                self._cache, self.event = None, _ignore
         finally:
-            self.worker.shutdown(wait=True)
+            self.worker.shutdown(wait=release, cancel_futures=not release)
             for client in self.peers.values():
                 client.close()
             if self.keeper is not None:
@@ -601,6 +615,10 @@ class SnapshotEngine:
                         pass
                 self.keeper.close()
             self._unmap()
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 def _copy_serial(views: list[torch.Tensor], sources: list[torch.Tensor]) -> None:

@@ -19,13 +19,21 @@ class KeeperActor:
     """Serves snapshot memory on its node until killed; losing the node loses it, as it should."""
 
     def __init__(self, run_id: str, node: int, secret_hex: str, host: str, keeper_dir: str, linger_s: float):
-        from phalanx.checkpoint.keeper import Keeper
+        from phalanx.checkpoint.keeper import Keeper, discovery_file
+        from phalanx.checkpoint.link import default_keeper_dir
 
-        from phalanx.checkpoint.keeper import discovery_file
-
+        # checkpoint.keeper_host=auto: this node's Ray address (loopback on a local cluster), which its peers
+        # on other nodes reach; the driver cannot decide it, it may not be on this node at all
+        host = ray.util.get_node_ip_address() if host == "auto" else host
+        keeper_dir = keeper_dir or default_keeper_dir()  # where this node's trainers look (same rule)
         self.keeper = Keeper(run_id, node, bytes.fromhex(secret_hex), host, keeper_dir, linger_s)
         self.discovery = discovery_file(keeper_dir, run_id, node)
         threading.Thread(target=self.keeper.serve, daemon=True).start()
+
+    def alive(self) -> int:
+        """An answer at once: the actor, and so its node, is up (whether the keeper still serves or the
+        run's end released it). `ping` is for the start."""
+        return os.getpid()
 
     def ping(self) -> int:
         """The keeper's pid, once it listens: a trainer that looked for it earlier would find no discovery
@@ -49,8 +57,12 @@ class TrainWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
+        """A port free on this node's Ray address, the one rank 0's store will listen on (`dist.py`);
+        probed there only, so a loopback cluster never binds another interface, even briefly."""
+        host = ray.util.get_node_ip_address()
+        family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.bind(address)
             return s.getsockname()[1]
 
     def run(self, argv: list[str], env: dict[str, str]) -> int:

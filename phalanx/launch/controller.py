@@ -76,7 +76,7 @@ class Controller:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from phalanx.checkpoint.link import default_keeper_dir, keeper_host, run_identity
+        from phalanx.checkpoint.link import run_identity
         from phalanx.launch.actors import KeeperActor
 
         actor = self.keepers.get(node)
@@ -90,7 +90,7 @@ class Controller:
         c = self.cfg.checkpoint
         self.keepers[node] = KeeperActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
-            run_id, node, secret.hex(), keeper_host(c.keeper_host), c.keeper_dir or default_keeper_dir(),
+            run_id, node, secret.hex(), c.keeper_host, c.keeper_dir,
             c.keeper_linger_s)
         ray.get(self.keepers[node].ping.remote(), timeout=60)
 
@@ -145,22 +145,24 @@ class Controller:
             keep[rank] = None
         others = [futures[r] for r in range(len(workers)) if keep[r] is not None]
         done, _ = ray.wait(others, timeout=10.0, num_returns=len(others)) if others else ([], [])
+        # The survivors' last heartbeats: the newest step any rank completed (the failed rank had done no
+        # more; the watch loop's last poll may predate it), from which `steps_lost` counts.
+        calls = {r: workers[r].heartbeat.remote() for r in range(len(workers)) if r not in failure.ranks}
+        answered, _ = ray.wait(list(calls.values()), timeout=2.0, num_returns=len(calls)) if calls else ([], [])
+        alive = set()
+        for rank, call in calls.items():
+            try:
+                if call in answered:
+                    self.reached = max(self.reached, ray.get(call)["step"])
+                    alive.add(rank)
+            except Exception:  # its actor is gone
+                pass
         for rank, worker in enumerate(workers):
-            if keep[rank] is not None and futures[rank] in done and self._alive(worker):
+            if keep[rank] is not None and futures[rank] in done and rank in alive:
                 continue
             kill(worker)
             keep[rank] = None
         return keep
-
-    @staticmethod
-    def _alive(worker: Any) -> bool:
-        import ray
-
-        try:
-            ray.get(worker.where.remote(), timeout=5)
-            return True
-        except Exception:
-            return False
 
     def _watch(self, workers: list[Any], nodes: list[int], futures: list[Any],
                recovering: Optional[tuple[Failure, int]] = None) -> None:
@@ -291,12 +293,11 @@ class Controller:
                     pass
         return sorted(dead)
 
-    @staticmethod
-    def _keeper_alive(keeper: Any) -> bool:
+    def _keeper_alive(self, keeper: Any) -> bool:
         import ray
 
         try:
-            ray.get(keeper.ping.remote(), timeout=10)
+            ray.get(keeper.alive.remote(), timeout=max(5.0, 3 * self.fault.heartbeat_s))
             return True
         except Exception:
             return False
@@ -368,12 +369,12 @@ class Controller:
                     return 0
                 except Failure as caught:
                     failure = caught
-                    last_step = self.reached
                     append_event(self.run_dir, "failure", cause=failure.cause, ranks=failure.ranks,
                                  nodes=failure.nodes, failed_at=failure.failed_at, detected_at=failure.detected_at,
                                  detail=failure.detail)
                     print(f"phalanx ray: {failure}", flush=True)
                     workers = self._survivors(workers, futures, failure)
+                    last_step = self.reached
                 if restarts >= self.fault.max_restarts:
                     message = (f"giving up after fault.max_restarts={self.fault.max_restarts} recoveries "
                                f"(last: {failure}); {self._newest_checkpoint()}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -62,10 +64,11 @@ def init_distributed(cfg) -> DistContext:
     ctx = DistContext(rank, world, local_rank, device)
     if world > 1:
         if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=cfg.fault.collective_timeout_s)
             dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
-                timeout=datetime.timedelta(seconds=cfg.fault.collective_timeout_s),
+                backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                 device_id=device if device.type == "cuda" else None,
+                store=rendezvous_store(rank, world, timeout), rank=rank, world_size=world,
             )
         from phalanx.parallel import ParallelDims
 
@@ -80,9 +83,42 @@ def init_distributed(cfg) -> DistContext:
     return ctx
 
 
+def rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> Optional[Any]:
+    """The process group's key-value store, listening on MASTER_ADDR only; None under torchrun, whose agent
+    runs the store its ranks share (and then `env://` finds it).
+
+    torch's own TCPStore server binds every interface (`::`), so a run launched on loopback (a local Ray
+    cluster, a test) would accept connections from the network. Rank 0 binds the socket itself and hands
+    it to the store instead: on loopback for a local run, on the cluster's interface otherwise."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        raise ConfigError(f"MASTER_ADDR={host!r} MASTER_PORT={port!r}: a {world}-rank run needs both "
+                          "(torchrun and `phalanx ray` set them); launch with one of those")
+    if rank != 0:
+        return dist.TCPStore(host, int(port), world, False, timeout)
+    family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(max(world, 128))
+    except OSError as err:
+        listener.close()
+        raise ConfigError(f"rank 0 cannot listen on MASTER_ADDR={host} MASTER_PORT={port}: {err}; "
+                          "pick a free port, or an address of this machine") from None
+    # the store owns the socket from here (it closes it when it is destroyed)
+    return dist.TCPStore(host, int(port), world, True, timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())
+
+
 def shutdown() -> None:
+    """Destroy every process group, and collect what held them: a gloo group closes its sockets (which tells
+    its peers at once) only when its last reference goes, and modules keep reference cycles."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:

@@ -20,6 +20,7 @@ Each figure is a term of the cost model (`cost.py`), measured on its own, never 
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from typing import Any, Optional
@@ -349,7 +350,10 @@ def _worker(rank: int, world: int, port: int, cfg: Any, device: str, out: str, t
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from phalanx.launch.dist import rendezvous_store
+
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            store=rendezvous_store(rank, world, datetime.timedelta(seconds=300)))
     try:
         topo = calibrate_rank(cfg, 1, world, device)
         if rank == 0:
