@@ -55,3 +55,64 @@ def test_a_taken_port_or_a_missing_address_is_refused_with_the_fix(monkeypatch):
         with pytest.raises(ConfigError, match="pick a free port"):
             rendezvous_store(0, 2, TIMEOUT)
     assert not dist.is_initialized()
+
+
+# A rank that stays alive after its run, as a Ray worker does (it is reused for the next attempt): prints the
+# time its run returned, then waits to be killed.
+STAY = """import sys, time
+from phalanx.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print(f"returned {time.time()}", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_every_other_ranks_run_at_once_not_after_the_collective_timeout(tmp_path):
+    """4 ranks whose processes outlive their runs, as Ray workers do (nothing kills the rest, and exiting
+    would close their sockets anyway): rank 3 is SIGKILLed after step 3. Every survivor's run must fail
+    within seconds, not wait out fault.collective_timeout_s=120 in a collective with a peer that failed
+    but still holds its process groups: a failed rank lets them go (`cli._train`, `SnapshotEngine.close`)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.helpers import CONFIG, REPO, events, loopback_env, run_overrides
+
+    port = free_port()
+    args = ["train", CONFIG, *run_overrides(tmp_path, "train.steps=40", "train.batch_size=8", "train.micro_batch_size=2",
+                                            "fault.collective_timeout_s=120", "fault.inject=[kill:rank=3:step=3]",
+                                            "checkpoint.persist_every=0")]
+    procs = []
+    for rank in range(4):
+        env = loopback_env()
+        env.update(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="4", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", STAY, *args], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        procs[3].wait(timeout=120)
+        killed = time.time()
+        assert procs[3].returncode == -9, f"rank 3 was not killed by its fault: {procs[3].stdout.read()[-2000:]}"
+        returned: list[float] = []
+
+        def read(proc):
+            for line in proc.stdout:
+                if line.startswith("returned "):
+                    returned.append(float(line.split()[1]))
+
+        for proc in procs[:3]:
+            threading.Thread(target=read, args=(proc,), daemon=True).start()
+        deadline = killed + 60  # the survivors' own collective timeout would end their runs after 120 s
+        while len(returned) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    injected = [e for e in events(tmp_path / "t") if e["event"] == "fault_injected"]
+    assert [e["step"] for e in injected] == [3], injected
+    assert len(returned) == 3, returned
+    assert max(returned) - killed < 30, f"survivors' runs ended {[round(t - killed, 1) for t in returned]}s after the kill"
