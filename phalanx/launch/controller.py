@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -24,6 +25,20 @@ from phalanx.launch.standby import Standby
 from phalanx.launch.timeline import timeline
 from phalanx.launch.watchdog import find_hang, find_stragglers
 from phalanx.trainer.trackers import append_event
+
+
+def _done(future: Any) -> bool:
+    import ray
+
+    return bool(ray.wait([future], timeout=0)[0])
+
+
+def _error_line(err: Exception) -> str:
+    """The line of a worker's traceback that says what went wrong (the last `...Error: ...` line; torch
+    appends `At:` frames after it), at most 300 characters."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    said = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b.*:", line)]
+    return (said or lines or [repr(err)])[-1][:300]
 
 
 def _events(run_dir: str, after: float) -> list[dict[str, Any]]:
@@ -141,8 +156,9 @@ class Controller:
         # trips over ("Group ... is not registered"): ZeRO ranks always restart in fresh processes.
         if failure.cause == "lost node" or self.cfg.parallel.dp_backend == "zero":
             keep = [None] * len(workers)
-        for rank in failure.ranks:
+        for rank in failure.ranks:  # first: a hung rank's peers wait in a collective with it until it goes
             keep[rank] = None
+            kill(workers[rank])
         others = [futures[r] for r in range(len(workers)) if keep[r] is not None]
         done, _ = ray.wait(others, timeout=10.0, num_returns=len(others)) if others else ([], [])
         # The survivors' last heartbeats: the newest step any rank completed (the failed rank had done no
@@ -198,8 +214,7 @@ class Controller:
                     dead = self._dead(pending, 2 * self.fault.heartbeat_s + 1.0)
                     if dead:  # the error was the peer's death reaching this rank
                         raise self._dead_failure(dead, nodes, last_seen) from None
-                    raise Failure("worker error", [rank], [nodes[rank]], last_seen[rank],
-                                  str(err).strip().splitlines()[-1][:300]) from None
+                    raise Failure("worker error", [rank], [nodes[rank]], last_seen[rank], _error_line(err)) from None
                 if code != 0:
                     raise Failure("worker exit", [rank], [nodes[rank]], last_seen[rank], f"exit code {code}")
             if not pending:  # a last look at the whole run's step times (a straggler to report)
@@ -248,29 +263,33 @@ class Controller:
             return Failure("lost node", ranks, lost, min(last_seen[r] for r in ranks), why)
         return Failure("dead worker", dead, sorted({nodes[r] for r in dead}), min(last_seen[r] for r in dead))
 
-    @staticmethod
-    def _timed_out(rank: int, err: Exception, workers: list[Any], pending: dict[int, Any],
+    def _timed_out(self, rank: int, err: Exception, workers: list[Any], pending: dict[int, Any],
                    beats: dict[int, dict[str, Any]]) -> Optional[dict[str, Any]]:
         """A hang that the rank's own collective timeout reported before a heartbeat showed it waiting
         (the process group's timeout is fault.collective_timeout_s too; under load it wins the race): the
-        ranks that entered fewer collectives than this one never entered the one it timed out in."""
+        ranks still running that entered fewer collectives than this one never entered the one it timed
+        out in."""
         import ray
 
-        if "timed out" not in str(err).lower():
+        # gloo says "Timed out waiting ..." in the op that timed out, and "Application timeout caused pair
+        # closure" in the ops that shared its connection
+        if not re.search(r"timed out|timeout", str(err), re.IGNORECASE):
             return None
+        running = [r for r in pending if not _done(pending[r])]  # a rank that failed itself is no culprit
         fresh = dict(beats)
-        for r in [rank, *pending]:
+        for r in [rank, *running]:
             try:
                 fresh[r] = ray.get(workers[r].heartbeat.remote(), timeout=5)
             except Exception:
                 pass
         if rank not in fresh:
             return None
-        seq = fresh[rank]["seq"]
-        culprits = sorted(r for r, b in fresh.items() if r != rank and b["seq"] < seq)
+        # the newest of its two views (a fresh heartbeat that timed out under load leaves the polled one)
+        seq = max(fresh[rank]["seq"], (beats.get(rank) or {}).get("seq", 0))
+        culprits = sorted(r for r in running if r in fresh and fresh[r]["seq"] < seq)
         if not culprits:
             return None
-        name = (beats.get(rank, {}).get("in_collective") or {}).get("name", "a collective")
+        name = ((beats.get(rank) or {}).get("in_collective") or {}).get("name", "a collective")
         return {"collective": name, "seq": seq, "waiting": [rank], "culprits": culprits,
                 "where": {r: {"step": fresh[r]["step"], "phase": fresh[r]["phase"], "seq": fresh[r]["seq"]}
                           for r in culprits}}
