@@ -109,7 +109,7 @@ def run_phalanx(args: argparse.Namespace, root: str) -> dict[str, Any]:
     from phalanx.launch.controller import main as controller
 
     start_ray(num_cpus=2 * args.workers)
-    overrides = [*QUIET, f"train.steps={args.steps}", f"run.dir={root}", "run.name=phalanx",
+    overrides = [*QUIET, *args.overrides, f"train.steps={args.steps}", f"run.dir={root}", "run.name=phalanx",
                  f"fault.inject=[kill:rank=1:step={args.kill_step}]", "checkpoint.keeper_linger_s=30"]
     code = controller(args.config, overrides, args.workers, None)
     if code != 0:
@@ -224,7 +224,7 @@ def run_raytrain(args: argparse.Namespace, root: str) -> dict[str, Any]:
     log = os.path.join(root, "raytrain-events.jsonl")
     trainer = TorchTrainer(
         raytrain_loop,
-        train_loop_config={"events": log, "config": args.config, "overrides": [*QUIET, f"train.steps={args.steps}"],
+        train_loop_config={"events": log, "config": args.config, "overrides": [*QUIET, *args.overrides, f"train.steps={args.steps}"],
                            "kill_rank": 1, "kill_step": args.kill_step},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False),
         run_config=RunConfig(name="raytrain", storage_path=os.path.join(root, "ray_results"),
@@ -250,7 +250,7 @@ def child(side: str, args: argparse.Namespace, root: str) -> dict[str, Any]:
     out = os.path.join(root, f"{side}.json")
     log_path = os.path.join(root, f"{side}.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--root", root, "--workers", str(args.workers),
-           "--steps", str(args.steps), "--kill-step", str(args.kill_step), "--config", args.config]
+           "--steps", str(args.steps), "--kill-step", str(args.kill_step), "--config", args.config, *args.overrides]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -298,6 +298,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--kill-step", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating order; the median run is reported")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one side may run")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both sides, e.g. "
+                        "train.micro_batch_size=4 for --workers 4")
     parser.add_argument("--side", choices=("phalanx", "raytrain"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -342,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "raytrain_downtime_s": round(raytrain["downtime_s"], 3),
         "phalanx": {k: round(v, 3) if isinstance(v, float) else v for k, v in phalanx.items()},
         "raytrain": {k: round(v, 3) if isinstance(v, float) else v for k, v in raytrain.items()},
-        "workers": args.workers, "steps": args.steps, "kill_step": args.kill_step, "repeats": args.repeats,
+        "workers": args.workers, "overrides": args.overrides, "steps": args.steps, "kill_step": args.kill_step, "repeats": args.repeats,
         "targets_met": speedup >= 5 and phalanx["downtime_s"] <= 10,
     }))
     return 0
