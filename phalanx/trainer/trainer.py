@@ -16,7 +16,7 @@ import contextlib
 import math
 import random
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -37,10 +37,12 @@ from phalanx.parallel import comm, registry
 from phalanx.parallel.expert import moe_layers, moe_metrics
 from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.pipeline import num_stages, pipeline_microbatches
-from phalanx.scheduler.pipeline import PipelineRunner, theoretical_bubble
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
 from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker, append_event
+
+if TYPE_CHECKING:
+    from phalanx.scheduler.pipeline import PipelineRunner
 
 Hook = Callable[["Trainer", dict], None]
 
@@ -101,8 +103,11 @@ class Trainer:
         materialize(model, self.device, cfg.run.seed)
         if not data_parallel.on_meta:
             stages = [data_parallel.apply(stage, ctx.mesh, cfg) for stage in stages]
-        self.pipeline: Optional[PipelineRunner] = None
+        self.pipeline: Optional["PipelineRunner"] = None
         if plans is not None:
+            # only here: torch.distributed.pipelining imports torch._dynamo, 0.5 s of every rank's start
+            from phalanx.scheduler.pipeline import PipelineRunner
+
             self.pipeline = PipelineRunner(stages, plans, num_stages(cfg.parallel), cfg.parallel.pp_schedule,
                                            pipeline_microbatches(cfg, cfg.parallel.dp), ctx.mesh["pp"].get_group(),
                                            self.device, cross_entropy)
@@ -427,6 +432,8 @@ class Trainer:
         every = comm.all_gather(mine, self.ctx.mesh["pp"].get_group(), "pp")  # (pp, 2), in rank order
         busy_s, idle_s = every[:, 0].tolist(), every[:, 1].tolist()
         p = self.cfg.parallel
+        from phalanx.scheduler.pipeline import theoretical_bubble
+
         return {
             "pp_bubble": sum(i / (b + i) if b + i > 0 else 0.0 for b, i in zip(busy_s, idle_s)) / len(busy_s),
             "pp_bubble_theory": theoretical_bubble(p.pp, self.pipeline.microbatches, num_stages(p) // p.pp),
