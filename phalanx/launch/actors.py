@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from typing import Any, Optional
@@ -59,10 +58,9 @@ class TrainWorker:
     def free_port(self) -> int:
         """A port free on this node's Ray address, the one rank 0's store will listen on (`dist.py`);
         probed there only, so a loopback cluster never binds another interface, even briefly."""
-        host = ray.util.get_node_ip_address()
-        family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.bind(address)
+        from phalanx.launch.dist import bound_socket
+
+        with bound_socket(ray.util.get_node_ip_address(), 0) as s:
             return s.getsockname()[1]
 
     def run(self, argv: list[str], env: dict[str, str]) -> int:

@@ -227,13 +227,8 @@ class Controller:
                     pass
                 return
             for node, keeper in self.keepers.items():
-                if node in nodes and not self._keeper_alive(keeper):
-                    # Trainers that finish release their keeper just before their run returns (and the
-                    # ping above may have waited out its timeout meanwhile): gone at the end is no loss.
-                    done, _ = ray.wait(list(pending.values()), timeout=self.fault.heartbeat_s + 2.0,
-                                       num_returns=len(pending))
-                    if len(done) == len(pending):
-                        break  # the next pass collects them, errors included
+                if node in nodes and not self._keeper_alive(keeper):  # the actor, not its server: a run's
+                    # end releases the keeper but leaves the actor until the controller kills it
                     ranks = [r for r, n in enumerate(nodes) if n == node]
                     raise Failure("lost node", ranks, [node], max(last_seen[r] for r in ranks),
                                   "its keeper is gone")
@@ -284,12 +279,11 @@ class Controller:
                 pass
         if rank not in fresh:
             return None
-        # the newest of its two views (a fresh heartbeat that timed out under load leaves the polled one)
-        seq = max(fresh[rank]["seq"], (beats.get(rank) or {}).get("seq", 0))
+        seq = fresh[rank]["seq"]
         culprits = sorted(r for r in running if r in fresh and fresh[r]["seq"] < seq)
         if not culprits:
             return None
-        name = ((beats.get(rank) or {}).get("in_collective") or {}).get("name", "a collective")
+        name = (beats.get(rank, {}).get("in_collective") or {}).get("name", "a collective")
         return {"collective": name, "seq": seq, "waiting": [rank], "culprits": culprits,
                 "where": {r: {"step": fresh[r]["step"], "phase": fresh[r]["phase"], "seq": fresh[r]["seq"]}
                           for r in culprits}}

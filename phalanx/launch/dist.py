@@ -98,19 +98,28 @@ def rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> Opti
                           "(torchrun and `phalanx ray` set them); launch with one of those")
     if rank != 0:
         return dist.TCPStore(host, int(port), world, False, timeout)
-    family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
-    listener = socket.socket(family, kind, proto)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
+        listener = bound_socket(host, int(port))
         listener.listen(max(world, 128))
     except OSError as err:
-        listener.close()
         raise ConfigError(f"rank 0 cannot listen on MASTER_ADDR={host} MASTER_PORT={port}: {err}; "
                           "pick a free port, or an address of this machine") from None
     # the store owns the socket from here (it closes it when it is destroyed)
     return dist.TCPStore(host, int(port), world, True, timeout, wait_for_workers=False,
                          master_listen_fd=listener.detach())
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host` (a name or an IPv4/IPv6 address) and `port` (0: any free one) only."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def shutdown() -> None:
