@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     ckpt_verify = ckpt_sub.add_parser("verify", help="check every file against its manifest; exit 1 if any fails")
     ckpt_verify.add_argument("run_dir", help="e.g. runs/tiny")
     ckpt_verify.add_argument("--step", type=int, help="one step (default: every persisted step)")
+    ckpt_verify.add_argument("--key", metavar="FILE",
+                             help="check signatures with the secret in FILE (another run's) instead of this run's")
+    ckpt_verify.add_argument("--trust", action="store_true",
+                             help="adopt --step N: if every file verifies, sign it with this run's key so the run "
+                                  "resumes from it (for an unsigned checkpoint or one from another run)")
     ckpt_export = ckpt_sub.add_parser("export", help="consolidated model weights in one file, for inference tools")
     ckpt_export.add_argument("run_dir", help="e.g. runs/tiny")
     ckpt_export.add_argument("--step", type=int, help="step to export (default: the newest that verifies)")
@@ -151,7 +156,7 @@ def _ckpt(args: argparse.Namespace) -> int:
         print(tools.list_checkpoints(args.run_dir))
         return 0
     if args.ckpt_command == "verify":
-        lines, ok = tools.verify_checkpoints(args.run_dir, args.step)
+        lines, ok = tools.verify_checkpoints(args.run_dir, args.step, args.key, args.trust)
         print("\n".join(lines))
         return 0 if ok else 1
     out, count, nbytes = tools.export_checkpoint(args.run_dir, args.step, args.format, args.out, args.force)

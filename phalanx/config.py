@@ -131,6 +131,10 @@ class CheckpointConfig:
     keeper_host: str = "auto"  # address keepers bind; auto: loopback for a local run, else the route to MASTER_ADDR
     keeper_dir: str = ""  # keeper memory and discovery files; "": /dev/shm/phalanx-UID (tmpfs)
     keeper_linger_s: float = 600.0  # a keeper with no trainer for this long frees its memory and exits
+    # Persisted manifests are signed with a key derived from the run's secret, and a checkpoint not signed by it
+    # is refused (README, "Threat model"). The secret: PHALANX_RUN_SECRET, else key_file, else the run folder's.
+    sign: bool = True
+    key_file: str = ""  # a file holding the run's secret as hex (shared by machines that resume the run)
 
 
 @dataclass

@@ -6,15 +6,18 @@ world size or layout, plus `rank-R.safetensors` for state that is each rank's ow
 ZeRO / pipeline optimizer partitions) with its non-tensor values as JSON in the file's metadata.
 Each keeper writes its ranks' files from snapshot memory and a `.results/rank-R.json` last; the
 keeper of rank 0 then writes `.metadata` and, last of all, `manifest.json` with every file's size
-and BLAKE2b digest. A folder without a manifest is a torn write and is never loaded; a file whose
-digest differs is named and its checkpoint skipped. Loading unpickles nothing from storage: the
-DCP metadata goes through an unpickler that admits only DCP's own metadata classes, DCP values load
-with `weights_only=True`, rank-local files are safetensors and JSON.
+and BLAKE2b digest — signed, when the run has a key (`signing.py`). A folder without a manifest is a
+torn write and is never loaded; a file whose digest differs, or a manifest whose signature does not
+verify, is named and its checkpoint skipped. Nothing read back can run code or allocate beyond the
+files (`untrusted.py`): the DCP metadata is parsed by an exact allow-list and checked against the
+manifest, DCP items are bounded and load with `weights_only=True`, rank-local files are safetensors
+and JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import pickle
@@ -25,6 +28,7 @@ from typing import Any, Callable, Optional
 import fsspec
 import torch
 from torch.distributed.checkpoint import state_dict_loader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -33,11 +37,13 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    TensorStorageMetadata)
 
 from phalanx.checkpoint.flat import FlatLayout, _decode, flatten_state_dict, read_skeleton_values, to_dtype
+from phalanx.checkpoint.signing import sign, signature_problem
+from phalanx.checkpoint.untrusted import (FORMAT, MANIFEST, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_METADATA_BYTES,
+                                          CheckpointRefused, check_torch_item, parse_manifest, read_metadata,
+                                          reading, safetensors_skeleton)
 from phalanx.errors import PhalanxError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-MANIFEST = "manifest.json"
-FORMAT = "phalanx-checkpoint-1"
 
 
 def _digest() -> Any:
@@ -81,34 +87,31 @@ def persist_plan(state: dict[str, Any], layout: FlatLayout, rank_local_keys: tup
     }
 
 
-# ---- loading safely -----------------------------------------------------------------------
+# ---- loading: only vetted bytes reach DCP ----------------------------------------------------
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a pickle; admit only the classes a DCP metadata object is made of."""
+class VettedReader(FsspecReader):
+    """DCP's fsspec reader over metadata phalanx already parsed and checked (`untrusted.read_metadata`);
+    each item is read within its bounds and its zip records checked before `torch.load` sees it."""
 
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.",)
+    def __init__(self, path: str, metadata: Metadata):
+        super().__init__(path)
+        self._metadata = metadata
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(self.ALLOWED_MODULES) or (module, name) in {("collections", "OrderedDict"),
-                                                                          ("builtins", "set"), ("torch", "Size"),
-                                                                          ("torch.serialization", "_get_layout")}:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which is not DCP metadata: "
-                                     f"refused (phalanx never unpickles arbitrary objects from storage)")
-
-
-class SafeReader(FsspecReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with self.fs.create_stream(self.fs.concat_path(self.path, ".metadata"), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+    def _slice_file(self, file: Any, sinfo: _StorageInfo) -> io.BytesIO:
+        file.seek(sinfo.offset)
+        data = file.read(sinfo.length)
+        where = f"{self.path}/{sinfo.relative_path} at byte {sinfo.offset}"
+        if len(data) != sinfo.length:
+            raise CheckpointRefused(f"{where}: the item is cut short ({len(data)} of {sinfo.length} bytes): refused")
+        check_torch_item(data, where)
+        return io.BytesIO(data)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -119,11 +122,17 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                     torch.load(value, weights_only=True))
 
 
-class CheckpointStore:
-    """The persistent checkpoints of one run at an fsspec URL (a local path works too)."""
+def _mac(key: bytes, record: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in record.items() if k != "mac"}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
-    def __init__(self, url: str):
-        self.url = url
+
+class CheckpointStore:
+    """The persistent checkpoints of one run at an fsspec URL (a local path works too). With a signing
+    `key`, what it finalizes is signed and what it verifies must carry this key's signature."""
+
+    def __init__(self, url: str, key: Optional[bytes] = None, run_hint: str = "RUN"):
+        self.url, self.key, self.run_hint = url, key, run_hint
         self.fs, self.root = fsspec.core.url_to_fs(url)
 
     def path(self, step: int) -> str:
@@ -131,6 +140,14 @@ class CheckpointStore:
 
     def _file(self, step: int, name: str) -> str:
         return f"{self.path(step)}/{name}"
+
+    def _read(self, path: str, limit: int) -> bytes:
+        """A whole file, refused when it holds more than `limit` bytes (read no further than that)."""
+        with self.fs.open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise CheckpointRefused(f"{path}: larger than the {limit} bytes its manifest allows: refused")
+        return data
 
     # ---- listing and verifying --------------------------------------------------------------
 
@@ -145,10 +162,20 @@ class CheckpointStore:
                 steps.append(int(match.group(1)))
         return sorted(steps)
 
+    def read_manifest(self, step: int) -> dict[str, Any]:
+        """The parsed manifest of `step`; FileNotFoundError when there is none, CheckpointRefused when it
+        is not a phalanx manifest."""
+        path = self._file(step, MANIFEST)
+        manifest = parse_manifest(self._read(path, MAX_MANIFEST_BYTES), path)
+        if manifest["step"] != step:
+            raise CheckpointRefused(f"{path}: names step {manifest['step']}, not {step}: refused")
+        return manifest
+
     def manifest(self, step: int) -> Optional[dict[str, Any]]:
+        """The manifest of a committed checkpoint; None for a torn (or unreadable) one."""
         try:
-            return json.loads(self.fs.cat_file(self._file(step, MANIFEST)))
-        except (FileNotFoundError, ValueError):
+            return self.read_manifest(step)
+        except (FileNotFoundError, CheckpointRefused):
             return None
 
     def committed_steps(self) -> list[int]:
@@ -158,18 +185,27 @@ class CheckpointStore:
         steps = self.committed_steps()
         return steps[-1] if steps else None
 
-    def verify(self, step: int) -> list[str]:
-        """Problems of checkpoint `step` (empty: every file present with its recorded size and digest)."""
-        manifest = self.manifest(step)
-        if manifest is None:
-            return [f"step-{step} has no readable {MANIFEST} (an interrupted write): incomplete"]
+    def verify(self, step: int, signed: bool = True) -> list[str]:
+        """Problems of checkpoint `step` (empty: it may be loaded). Checked: the manifest's form, its signature
+        (with a key, unless `signed=False`), every file's size and digest, the DCP metadata against the
+        manifest, the rank files' headers."""
+        try:
+            manifest = self.read_manifest(step)
+        except FileNotFoundError:
+            return [f"step-{step} has no {MANIFEST} (an interrupted write): incomplete"]
+        except CheckpointRefused as err:
+            return [str(err)]
+        if signed and self.key is not None:
+            problem = signature_problem(manifest, self.key, self.run_hint)
+            if problem is not None:
+                return [f"{self._file(step, MANIFEST)}: {problem}"]
         problems = []
         for name, expected in manifest["files"].items():
             path = self._file(step, name)
             try:
                 digest, size = _digest(), 0
                 with self.fs.open(path, "rb") as f:
-                    while chunk := f.read(1 << 24):
+                    while size <= expected["bytes"] and (chunk := f.read(1 << 24)):
                         digest.update(chunk)
                         size += len(chunk)
             except FileNotFoundError:
@@ -177,16 +213,57 @@ class CheckpointStore:
                 continue
             if size != expected["bytes"] or digest.hexdigest() != expected["blake2b"]:
                 problems.append(f"{path} does not match its checksum in {MANIFEST} (corrupted)")
-        return problems
+        if problems:
+            return problems
+        try:
+            self.read_metadata(step, manifest)
+            for name, expected in manifest["files"].items():
+                if name.endswith(".safetensors"):
+                    path = self._file(step, name)
+                    with self.fs.open(path, "rb") as f:
+                        head = f.read(8)
+                        head += f.read(min(int.from_bytes(head, "little"), MAX_HEADER_BYTES) if len(head) == 8 else 0)
+                    safetensors_skeleton(head, expected["bytes"], path)
+        except CheckpointRefused as err:
+            return [str(err)]
+        return []
 
-    def newest_valid(self, on_skip: Callable[[int, str], None]) -> Optional[int]:
-        """The newest checkpoint that verifies; every newer one is reported through `on_skip`."""
+    def read_metadata(self, step: int, manifest: Optional[dict[str, Any]] = None) -> Metadata:
+        """The DCP metadata of `step`, parsed without running code and checked against its manifest."""
+        manifest = manifest or self.read_manifest(step)
+        path = self._file(step, ".metadata")
+        files = {name: entry["bytes"] for name, entry in manifest["files"].items()}
+        return read_metadata(self._read(path, min(files[".metadata"], MAX_METADATA_BYTES)), files, path)
+
+    def newest_valid(self, on_skip: Callable[[int, str], None], below: Optional[int] = None) -> Optional[int]:
+        """The newest checkpoint (older than `below`) that verifies; every newer one is reported through `on_skip`."""
         for step in reversed(self.step_dirs()):
+            if below is not None and step >= below:
+                continue
             problems = self.verify(step)
             if not problems:
                 return step
             on_skip(step, "; ".join(problems))
         return None
+
+    def adopt(self, step: int) -> None:
+        """Sign checkpoint `step` with this store's key after everything but its signature verified: the
+        user vouches for where it came from (`phalanx ckpt verify --trust`)."""
+        if self.key is None:
+            raise PhalanxError("adopting a checkpoint needs this run's key (the run folder's .keeper-secret, "
+                               "checkpoint.key_file or PHALANX_RUN_SECRET)")
+        problems = self.verify(step, signed=False)
+        if problems:
+            raise PhalanxError(f"step-{step} cannot be adopted: {problems[0]}")
+        manifest = self.read_manifest(step)
+        previous = (manifest.get("signature") or {}).get("key_id")
+        manifest = {k: v for k, v in manifest.items() if k != "signature"}
+        manifest["adopted"] = {"time": time.time(), "previous_key_id": previous}
+        self._write_manifest(step, sign(manifest, self.key))
+
+    def _write_manifest(self, step: int, manifest: dict[str, Any]) -> None:
+        self.fs.pipe_file(self._file(step, MANIFEST + ".tmp"), json.dumps(manifest, indent=1).encode())
+        self.fs.mv(self._file(step, MANIFEST + ".tmp"), self._file(step, MANIFEST))
 
     # ---- writing (in a keeper) --------------------------------------------------------------
 
@@ -244,9 +321,11 @@ class CheckpointStore:
             digest = _digest()
             digest.update(payload)
             files[name] = {"bytes": len(payload), "blake2b": digest.hexdigest()}
-        record = json.dumps({"rank": rank, "items": items, "files": files}).encode()
+        record: dict[str, Any] = {"step": step, "rank": rank, "items": items, "files": files}
+        if self.key is not None:  # the coordinator signs what the records say: they must be its keepers'
+            record["mac"] = _mac(self.key, record)
         self.fs.makedirs(self._file(step, ".results"), exist_ok=True)
-        self.fs.pipe_file(self._file(step, f".results/rank-{rank}.json"), record)
+        self.fs.pipe_file(self._file(step, f".results/rank-{rank}.json"), json.dumps(record).encode())
 
     def finalize(self, step: int, world_size: int, timeout_s: float, keep_last: int, info: dict[str, Any],
                  in_flight: Callable[[], set[int]] = set) -> str:
@@ -255,13 +334,18 @@ class CheckpointStore:
             return self.path(step)
         deadline = time.monotonic() + timeout_s
         names = [self._file(step, f".results/rank-{r}.json") for r in range(world_size)]
-        while not all(self.fs.exists(n) for n in names):
+        records: list[Optional[dict[str, Any]]] = [None] * world_size
+        while not all(records):
+            for r, name in enumerate(names):
+                records[r] = records[r] or self._result(name, step, r)
+            if all(records):
+                break
             if time.monotonic() > deadline:
-                missing = [r for r, n in enumerate(names) if not self.fs.exists(n)]
-                raise PhalanxError(f"step-{step}: ranks {missing} did not persist within {timeout_s:.0f}s; "
-                                   f"the checkpoint stays incomplete and is never loaded")
+                missing = [r for r, record in enumerate(records) if record is None]
+                raise PhalanxError(f"step-{step}: ranks {missing} did not persist within {timeout_s:.0f}s (or their "
+                                   f"results records were not this run's); the checkpoint stays incomplete and is "
+                                   f"never loaded")
             time.sleep(0.05)
-        records = [json.loads(self.fs.cat_file(n)) for n in names]
         state_meta: dict[str, Any] = {}
         storage: dict[MetadataIndex, _StorageInfo] = {}
         files: dict[str, Any] = {}
@@ -288,20 +372,32 @@ class CheckpointStore:
             base = entry.rstrip("/").rsplit("/", 1)[-1]
             if base not in files and base != ".results":
                 self.fs.rm(entry, recursive=True)
-        manifest = {"format": FORMAT, "step": step, "world_size": world_size, "time": time.time(),
-                    "files": files, **info}
-        self.fs.pipe_file(self._file(step, MANIFEST + ".tmp"), json.dumps(manifest, indent=1).encode())
-        self.fs.mv(self._file(step, MANIFEST + ".tmp"), self._file(step, MANIFEST))
+        manifest = {**info, "format": FORMAT, "step": step, "world_size": world_size, "time": time.time(),
+                    "files": files}
+        self._write_manifest(step, sign(manifest, self.key) if self.key is not None else manifest)
         self.fs.rm(self._file(step, ".results"), recursive=True)
-        self.apply_retention(keep_last, in_flight())
+        self.apply_retention(keep_last, in_flight(), newest=step)
         return self.path(step)
 
-    def apply_retention(self, keep_last: int, in_flight: set[int] = frozenset()) -> None:
-        """Keep the newest `keep_last` complete checkpoints; drop torn folders older than the newest
-        complete one, except those still being written (`in_flight`)."""
+    def _result(self, path: str, step: int, rank: int) -> Optional[dict[str, Any]]:
+        """A rank's results record once it is there and, with a key, MAC'd by one of this run's keepers."""
+        try:
+            record = json.loads(self._read(path, MAX_MANIFEST_BYTES))
+        except (FileNotFoundError, ValueError, CheckpointRefused):
+            return None
+        if not isinstance(record, dict) or record.get("step", step) != step or record.get("rank") != rank:
+            return None
+        if self.key is not None and not hmac.compare_digest(str(record.get("mac")), _mac(self.key, record)):
+            return None  # planted, or left by a run with another key: the real one overwrites it
+        return record
+
+    def apply_retention(self, keep_last: int, in_flight: set[int] = frozenset(), newest: Optional[int] = None) -> None:
+        """Keep the newest `keep_last` complete checkpoints up to `newest` (folders of later steps are not
+        this write's to judge); drop torn folders older than the newest complete one, except those still
+        being written (`in_flight`)."""
         if keep_last <= 0:
             return
-        complete = self.committed_steps()
+        complete = [s for s in self.committed_steps() if newest is None or s <= newest]
         for old in complete[:-keep_last]:
             self.fs.rm(self.path(old), recursive=True)
         if complete:  # torn folders older than the newest complete one are dead
@@ -313,15 +409,22 @@ class CheckpointStore:
 
     def load(self, step: int, template: dict[str, Any], rank: int, world_size: int,
              rank_local_keys: tuple[str, ...]) -> dict[str, Any]:
-        """Fill `template` (a freshly built trainer's state) from checkpoint `step`. Collective when distributed."""
-        manifest = self.manifest(step)
+        """Fill `template` (a freshly built trainer's state) from checkpoint `step`. Collective when
+        distributed. CheckpointRefused when its bytes are not a loadable phalanx checkpoint."""
+        manifest = self.read_manifest(step)
+        metadata = self.read_metadata(step, manifest)
         shared = {k: v for k, v in template.items() if k not in rank_local_keys}
-        state_dict_loader.load(shared, storage_reader=SafeReader(self.path(step)), planner=SafeLoadPlanner())
+        try:
+            state_dict_loader.load(shared, storage_reader=VettedReader(self.path(step), metadata),
+                                   planner=SafeLoadPlanner())
+        except CheckpointException as err:
+            raise CheckpointRefused(f"{self.path(step)}: DCP could not load it: {_first_failure(err)}") from None
         state = {**template, **shared}
         name = f"rank-{rank}.safetensors"
         if manifest["world_size"] == world_size and name in manifest["files"]:
             local_template = {k: template[k] for k in rank_local_keys if k in template}
-            state.update(read_rank_local(self.fs.cat_file(self._file(step, name)), local_template))
+            path = self._file(step, name)
+            state.update(read_rank_local(self._read(path, manifest["files"][name]["bytes"]), local_template, path))
             return state
         for key in rank_local_keys:
             if key != "rng" and key in template:
@@ -332,16 +435,26 @@ class CheckpointStore:
         return state
 
 
-def read_rank_local(payload: bytes, template: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def _first_failure(err: CheckpointException) -> str:
+    """The first rank's failure of a DCP load, as one line (its own refusal when phalanx raised it)."""
+    failures = list(getattr(err, "failures", {}).values())
+    cause = failures[0] if failures else err
+    cause = getattr(cause, "exc", cause)  # CheckpointException wraps each rank's error with its traceback
+    return str(cause).splitlines()[0][:300] if str(cause) else type(cause).__name__
+
+
+def read_rank_local(payload: bytes, template: Optional[dict[str, Any]] = None,
+                    where: str = "rank file") -> dict[str, Any]:
     """A `rank-R.safetensors` file as the nested rank-local state (tensors placed like `template`'s)."""
     from safetensors.torch import load as load_safetensors
     from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
 
     from phalanx.checkpoint.flat import _as_template
 
-    tensors = load_safetensors(payload)
-    header = json.loads(payload[8: 8 + int.from_bytes(payload[:8], "little")])
-    values, mapping = read_skeleton_values(header["__metadata__"]["skeleton"].encode(), template)
+    skeleton = safetensors_skeleton(payload, len(payload), where)
+    with reading(where):
+        tensors = load_safetensors(payload)
+        values, mapping = read_skeleton_values(skeleton, template)
     template_flat = flatten_state_dict(template)[0] if template else {}
     flat = {**values, **{k: _as_template(v, template_flat.get(k)) for k, v in tensors.items()}}
     return unflatten_state_dict(flat, mapping)

@@ -10,7 +10,6 @@ the checkpoint's own metadata, in this process, without a process group.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from phalanx.checkpoint.persistent import MANIFEST, CheckpointStore, SafeLoadPlanner, SafeReader
+from phalanx.checkpoint.persistent import MANIFEST, CheckpointStore, SafeLoadPlanner, VettedReader
 from phalanx.errors import PhalanxError
 
 MODEL_PREFIX = "model."
@@ -56,14 +55,23 @@ def _run_config(run_dir: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
 
 
-def open_run(run_dir: str) -> tuple[CheckpointStore, dict[str, Any]]:
-    """The run's checkpoint store (config.yaml's checkpoint.storage, else RUN/checkpoints) and its config."""
+def open_run(run_dir: str, key_file: Optional[str] = None, create_key: bool = False
+             ) -> tuple[CheckpointStore, dict[str, Any]]:
+    """The run's checkpoint store (config.yaml's checkpoint.storage, else RUN/checkpoints) and its config.
+    Signatures are checked with the run's secret, or the one in `key_file` (another run's); a run folder
+    with no secret (copied without it) checks none unless `create_key` makes it one."""
+    from phalanx.checkpoint.link import run_secret
+    from phalanx.checkpoint.signing import signing_key
+
     if not os.path.isdir(run_dir):
         raise PhalanxError(f"no run folder '{run_dir}': pass a run directory such as runs/tiny "
                            f"(the run.dir/run.name a training run wrote)")
     cfg = _run_config(run_dir)
-    storage = (cfg.get("checkpoint") or {}).get("storage") or os.path.join(run_dir, "checkpoints")
-    return CheckpointStore(storage), cfg
+    section = cfg.get("checkpoint") or {}
+    storage = section.get("storage") or os.path.join(run_dir, "checkpoints")
+    secret = run_secret(run_dir, key_file or section.get("key_file") or "", create=create_key)
+    key = signing_key(secret) if secret is not None and section.get("sign", True) else None
+    return CheckpointStore(storage, key=key, run_hint=run_dir), cfg
 
 
 def _check_step(store: CheckpointStore, run_dir: str, step: int) -> None:
@@ -93,7 +101,7 @@ def storage_rows(store: CheckpointStore) -> list[CheckpointRow]:
 def keeper_rows(run_dir: str, cfg: dict[str, Any], timeout: float = 2.0) -> Optional[list[CheckpointRow]]:
     """Snapshot steps held by this machine's live keepers of the run; None when no keeper answers."""
     from phalanx.checkpoint.keeper import node_dir
-    from phalanx.checkpoint.link import default_keeper_dir, run_identity
+    from phalanx.checkpoint.link import default_keeper_dir, read_discovery, run_identity
     from phalanx.checkpoint.wire import KeeperClient, WireError
 
     if not os.path.exists(os.path.join(run_dir, ".keeper-secret")):
@@ -102,11 +110,12 @@ def keeper_rows(run_dir: str, cfg: dict[str, Any], timeout: float = 2.0) -> Opti
     keeper_dir = (cfg.get("checkpoint") or {}).get("keeper_dir") or default_keeper_dir()
     rows, answered = [], False
     for path in sorted(glob.glob(os.path.join(keeper_dir, run_id, "node-*.json"))):
+        info = read_discovery(path)
+        if info is None:
+            continue
         try:
-            with open(path) as f:
-                info = json.load(f)
             client = KeeperClient(info["host"], info["port"], secret, timeout)
-        except (OSError, ValueError, KeyError, WireError):
+        except WireError:
             continue
         try:
             inventory, _ = client.call("inventory")
@@ -158,15 +167,29 @@ def list_checkpoints(run_dir: str) -> str:
     return "\n".join(lines)
 
 
-def verify_checkpoints(run_dir: str, step: Optional[int] = None) -> tuple[list[str], bool]:
-    """(report lines, every checked step verified) for `step`, or every persisted step."""
-    store, _ = open_run(run_dir)
+def verify_checkpoints(run_dir: str, step: Optional[int] = None, key_file: Optional[str] = None,
+                       trust: bool = False) -> tuple[list[str], bool]:
+    """(report lines, every checked step verified) for `step`, or every persisted step. `trust` adopts
+    `step`: everything but its signature verifies, then this run's key signs it."""
+    if trust and (step is None or key_file):
+        raise PhalanxError("--trust adopts one checkpoint into this run: give it --step N (and no --key; the "
+                           "run's own key signs it)")
+    store, _ = open_run(run_dir, key_file, create_key=trust)
     if step is not None:
         _check_step(store, run_dir, step)
+    if trust:
+        from phalanx.checkpoint.signing import key_id
+
+        store.adopt(step)
+        return [f"step-{step}: adopted: every file verified, now signed with this run's key "
+                f"(key id {key_id(store.key)})"], True
     steps = [step] if step is not None else store.step_dirs()
     if not steps:
         raise PhalanxError(f"run '{run_dir}' has no persisted checkpoints in {store.url}; nothing to verify")
     lines, ok = [], True
+    if store.key is None:
+        lines.append("signatures not checked: checkpoint.sign=false, or no key for this run (its .keeper-secret is "
+                     "absent and neither --key, checkpoint.key_file nor PHALANX_RUN_SECRET gives one)")
     for s in steps:
         problems = store.verify(s)
         if problems:
@@ -176,24 +199,26 @@ def verify_checkpoints(run_dir: str, step: Optional[int] = None) -> tuple[list[s
         else:
             files = store.manifest(s)["files"]
             lines.append(f"step-{s}: verified ({len(files)} files, "
-                         f"{human_bytes(sum(f['bytes'] for f in files.values()))})")
+                         f"{human_bytes(sum(f['bytes'] for f in files.values()))}"
+                         f"{', signed' if store.key is not None else ''})")
     return lines, ok
 
 
-def consolidated_model(path: str) -> dict[str, torch.Tensor]:
-    """The full model weights of one DCP checkpoint folder, keyed as the unparallelised model names them."""
+def consolidated_model(store: CheckpointStore, step: int) -> dict[str, torch.Tensor]:
+    """The full model weights of one checkpoint, keyed as the unparallelised model names them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = SafeReader(path).read_metadata()
+    metadata = store.read_metadata(step)
     state = {fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
              for fqn, meta in metadata.state_dict_metadata.items()
              if fqn.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)}
     if not state:
-        raise PhalanxError(f"checkpoint {path} holds no model weights (no '{MODEL_PREFIX}*' tensors)")
+        raise PhalanxError(f"checkpoint {store.path(step)} holds no model weights (no '{MODEL_PREFIX}*' tensors)")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load(state, storage_reader=VettedReader(store.path(step), metadata), planner=SafeLoadPlanner(),
+                 no_dist=True)
     return {fqn[len(MODEL_PREFIX):]: tensor for fqn, tensor in state.items()}
 
 
@@ -222,7 +247,7 @@ def export_checkpoint(run_dir: str, step: Optional[int], fmt: str = "safetensors
         raise PhalanxError(f"step-{step} has no DCP .metadata listed in its {MANIFEST}: not a phalanx checkpoint")
     from safetensors.torch import save_file
 
-    weights = {k: v.contiguous() for k, v in consolidated_model(store.path(step)).items()}
+    weights = {k: v.contiguous() for k, v in consolidated_model(store, step).items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     save_file(weights, tmp, metadata={"format": "pt", "phalanx_step": str(step), "source": store.path(step)})
