@@ -11,12 +11,12 @@ and stop requests (`interrupted`) are marked too.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 from phalanx.errors import PhalanxError
+from phalanx.events import read_events, read_jsonl
 
 PLOT = "loss.png"  # loss and throughput, side by side (README names it)
 # kind -> (colour, line style, line width, legend). Marks often share a step (a kill at step 8 is detected
@@ -39,16 +39,9 @@ class Mark:
     label: str
 
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def step_metrics(run_dir: str) -> list[dict]:
     """One record per step; after a resume the replayed steps replace the ones logged before the kill."""
-    by_step = {m["step"]: m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
+    by_step = {m["step"]: m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if type(m.get("step")) is int}
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -179,7 +172,7 @@ def report(run_dir: str) -> str:
     metrics = step_metrics(run_dir)
     if not metrics:
         raise PhalanxError(f"'{run_dir}' has no metrics.jsonl with steps; pass a run directory such as runs/tiny")
-    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    events = read_events(run_dir)
     run_marks = marks(events)
     out = plot(run_dir, metrics, run_marks)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from phalanx.cli import main
-from phalanx.report import Mark, marks, read_jsonl
+from phalanx.events import read_jsonl
+from phalanx.report import Mark, marks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T0 = 1_800_000_000.0
@@ -197,3 +198,20 @@ def test_report_without_steps_is_a_user_error_naming_the_folder(tmp_path, capsys
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "no metrics.jsonl with steps" in err
+
+
+def test_torn_and_foreign_lines_are_skipped_with_one_warning_naming_the_file(tmp_path, capsys):
+    """A SIGKILL mid-write leaves a torn last line; a shared run folder may hold anything. `report` reads
+    what it can, warns once per file, and never holds more than one bounded line of a huge one."""
+    events = [{"time": T0, "event": "start", "step": 0, "world_size": 1}, {"time": T0 + 1, "event": "end", "step": 5}]
+    run = write_run(tmp_path, events, range(1, 6))
+    with open(run / "events.jsonl", "a") as f:
+        f.write('{"time": 1, "event": "fail\n[1, 2]\n{"event": "no time"}\n' + "x" * (3 << 20) + "\n")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": "six"}\n{"step": 6, "loss": 1.0, "lr": 0.001, "tok')
+    with pytest.warns(RuntimeWarning) as caught:
+        assert main(["report", str(run)]) == 0
+    said = [str(w.message) for w in caught]
+    assert any("events.jsonl: skipped line 3, 4, 6" in s for s in said), said
+    assert any("metrics.jsonl: skipped line 7" in s for s in said), said
+    assert "recoveries: none" in capsys.readouterr().out

@@ -13,18 +13,17 @@ restore by themselves from keeper memory, peers or storage. Each recovery is one
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from typing import Any, Optional
 
 from phalanx.errors import PhalanxError
+from phalanx.events import append_event, read_events
 from phalanx.launch.faults import fired, parse_injection
 from phalanx.launch.standby import Standby
 from phalanx.launch.timeline import timeline
 from phalanx.launch.watchdog import find_hang, find_stragglers
-from phalanx.trainer.trackers import append_event
 
 
 def _done(future: Any) -> bool:
@@ -42,11 +41,7 @@ def _error_line(err: Exception) -> str:
 
 
 def _events(run_dir: str, after: float) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, "events.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [e for e in map(json.loads, f) if e["time"] >= after]
+    return read_events(run_dir, since=after)
 
 
 class Failure(Exception):
@@ -101,8 +96,8 @@ class Controller:
                 return
             except Exception:
                 pass
-        run_id, secret = run_identity(self.run_dir)
         c = self.cfg.checkpoint
+        run_id, secret = run_identity(self.run_dir, c.key_file)
         self.keepers[node] = KeeperActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
             run_id, node, secret.hex(), c.keeper_host, c.keeper_dir,
@@ -350,9 +345,13 @@ class Controller:
     # ---- the run -----------------------------------------------------------------------------
 
     def _newest_checkpoint(self) -> str:
+        from phalanx.checkpoint.link import run_secret
         from phalanx.checkpoint.persistent import CheckpointStore
+        from phalanx.checkpoint.signing import signing_key
 
-        store = CheckpointStore(self.cfg.checkpoint.storage or os.path.join(self.run_dir, "checkpoints"))
+        c = self.cfg.checkpoint
+        key = signing_key(run_secret(self.run_dir, c.key_file)) if c.sign else None
+        store = CheckpointStore(c.storage or os.path.join(self.run_dir, "checkpoints"), key=key, run_hint=self.run_dir)
         newest = store.newest_valid(lambda step, problem: None)
         return (f"the newest usable checkpoint is {store.path(newest)}" if newest is not None
                 else "no persisted checkpoint exists yet")

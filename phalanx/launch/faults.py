@@ -7,7 +7,6 @@ acts, and a relaunch that replays the step skips it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from phalanx.errors import ConfigError
+from phalanx.events import read_events
 
 KINDS = {"kill": ("rank", "step"), "hang": ("rank", "step"), "slow": ("rank", "step", "factor"),
          "node": ("node", "step"), "kill_restoring": ("rank", "step")}
@@ -54,11 +54,7 @@ def parse_injection(spec: str) -> Injection:
 
 
 def fired(run_dir: str) -> set[str]:
-    path = os.path.join(run_dir, "events.jsonl")
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        return {e.get("spec") for e in map(json.loads, f) if e.get("event") == "fault_injected"}
+    return {e.get("spec") for e in read_events(run_dir, kinds={"fault_injected"})}
 
 
 class FaultInjector:
@@ -92,7 +88,7 @@ class FaultInjector:
 
     def _fire(self, injection: Injection, step: int) -> None:
         self.pending.remove(injection)
-        from phalanx.trainer.trackers import append_event
+        from phalanx.events import append_event
 
         append_event(self.run_dir, "fault_injected", spec=injection.spec, kind=injection.kind, rank=self.rank,
                      step=step)

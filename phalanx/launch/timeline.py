@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
+
+from phalanx.events import read_events
 
 SHOWN = ("workers", "fault_injected", "failure", "recovery", "straggler", "gave_up", "controller_done")
 
@@ -34,10 +34,6 @@ def _line(event: dict[str, Any]) -> str:
 
 def timeline(run_dir: str, since: float) -> list[str]:
     """A header and one line per controller event at or after `since`, timed in seconds from `since`."""
-    path = os.path.join(run_dir, "events.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        events = [e for e in map(json.loads, f) if e["time"] >= since and e["event"] in SHOWN]
+    events = read_events(run_dir, since=since, kinds=set(SHOWN))
     return [f"phalanx ray: timeline of {run_dir} (seconds since launch)"] + [
         f"  {e['time'] - since:8.2f}  {_line(e)}" for e in events]

@@ -7,7 +7,6 @@ trainer state so a resumed run continues the same wandb run.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 from typing import Any, Optional, Protocol
@@ -84,9 +83,3 @@ class WandbTracker:
         self.run.finish()
 
 
-def append_event(run_dir: str, event: str, **fields: Any) -> None:
-    """One line in `events.jsonl`: starts, resumes, checkpoints, interruptions, ends."""
-    import time
-
-    with open(os.path.join(run_dir, "events.jsonl"), "a") as f:
-        f.write(json.dumps({"time": time.time(), "event": event, **fields}) + "\n")

@@ -39,7 +39,8 @@ from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.pipeline import num_stages, pipeline_microbatches
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
-from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker, append_event
+from phalanx.events import append_event
+from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker
 
 if TYPE_CHECKING:
     from phalanx.scheduler.pipeline import PipelineRunner
