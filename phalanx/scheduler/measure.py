@@ -112,4 +112,4 @@ def measure_layout(config: str, overrides: list[str], world: int, steps: int = 0
             torch.set_num_threads(threads)
             return _rank_measure(*args)["ranks"]
         mp.spawn(_worker, args=(world, free_port(), args, out, threads), nprocs=world, join=True)
-        return torch.load(out, weights_only=False)["ranks"]
+        return torch.load(out, weights_only=True)["ranks"]  # plain dicts of numbers: no pickle of objects

@@ -37,6 +37,14 @@ def sigkill(pid: int) -> None:
     proc.wait(timeout=30)
 
 
+def wait_for_persisted(run_dir: Path, step: int, launcher: subprocess.Popen) -> None:
+    """Until step `step` is in storage (so some snapshot committed before what the test does next)."""
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / f"step-{step}" / "manifest.json").exists():
+        assert time.monotonic() < deadline and launcher.poll() is None, f"step {step} was not persisted"
+        time.sleep(0.05)
+
+
 def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of the trainer processes under a torchrun launcher (from their environment)."""
     out = {}
@@ -75,7 +83,9 @@ def assert_same_run(ref_dir: Path, run_dir: Path) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_one_trainer_mid_step_restores_from_its_keeper(seed, reference, tmp_path):
     rng = random.Random(seed * 7919 + int(time.time()))
-    kill_at, delay, victim = rng.randint(2, STEPS - 25), rng.uniform(0.0, 0.3), rng.randint(0, 1)
+    # Drawn only where a restore can be checked: from step 5 on, once step 5 is persisted (a kill at step 2
+    # could land before the first snapshot committed, and the relaunch would rightly start fresh).
+    kill_at, delay, victim = rng.randint(5, STEPS - 25), rng.uniform(0.0, 0.3), rng.randint(0, 1)
     print(f"seed {seed}: SIGKILL rank {victim} {delay:.3f}s after step {kill_at} was logged")
     ref = reference(2)
     args = ["train", CONFIG, *run_overrides(tmp_path, *BASE)]
@@ -83,6 +93,7 @@ def test_sigkill_one_trainer_mid_step_restores_from_its_keeper(seed, reference, 
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(tmp_path / "t", kill_at, launcher)
+        wait_for_persisted(tmp_path / "t", 5, launcher)
         time.sleep(delay)  # somewhere inside the next step
         os.kill(rank_pids(launcher)[victim], signal.SIGKILL)
         launcher.wait(timeout=120)  # torchrun stops the other rank and fails
@@ -105,10 +116,11 @@ def test_node_loss_is_rebuilt_from_parity(reference, tmp_path):
     args = ["train", CONFIG, *run_overrides(tmp_path, *BASE, *nodes)]
     launcher = subprocess.Popen(phalanx_cmd(args, nproc=4), cwd=REPO, env=loopback_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_at = random.Random().randint(2, STEPS - 25)
+    kill_at = random.Random().randint(5, STEPS - 25)  # as above: only kills after a committed snapshot
     print(f"node 1 lost after step {kill_at}")
     try:
         wait_for_step(tmp_path / "t", kill_at, launcher)
+        wait_for_persisted(tmp_path / "t", 5, launcher)
         lost_keeper = keeper_pid(tmp_path / "t", 1)
     finally:
         kill_tree(launcher)
@@ -130,11 +142,7 @@ def test_losing_more_nodes_than_parity_falls_back_to_storage(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(tmp_path / "t", 7, launcher)
-        # A loaded machine can still be writing step 5 at step 7: storage must hold it before the loss.
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "t" / "checkpoints" / "step-5" / "manifest.json").exists():
-            assert time.monotonic() < deadline and launcher.poll() is None, "step 5 was not persisted"
-            time.sleep(0.05)
+        wait_for_persisted(tmp_path / "t", 5, launcher)  # a loaded machine can still be writing it at step 7
         lost = [keeper_pid(tmp_path / "t", 0), keeper_pid(tmp_path / "t", 1)]
     finally:
         kill_tree(launcher)
