@@ -411,8 +411,11 @@ class CheckpointStore:
              rank_local_keys: tuple[str, ...]) -> dict[str, Any]:
         """Fill `template` (a freshly built trainer's state) from checkpoint `step`. Collective when
         distributed. CheckpointRefused when its bytes are not a loadable phalanx checkpoint."""
-        manifest = self.read_manifest(step)
-        metadata = self.read_metadata(step, manifest)
+        try:
+            manifest = self.read_manifest(step)
+            metadata = self.read_metadata(step, manifest)
+        except FileNotFoundError as err:  # removed since it verified (retention of another writer, a user)
+            raise CheckpointRefused(f"{self.path(step)}: {err.filename or 'a file'} is gone: refused") from None
         shared = {k: v for k, v in template.items() if k not in rank_local_keys}
         try:
             state_dict_loader.load(shared, storage_reader=VettedReader(self.path(step), metadata),

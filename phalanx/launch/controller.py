@@ -132,8 +132,9 @@ class Controller:
                    "LOCAL_WORLD_SIZE": str(ray_nodes.count(ray_nodes[rank])), "MASTER_ADDR": master_ip,
                    "MASTER_PORT": str(port), "PHALANX_NODE": str(nodes[rank]), "PHALANX_RUN_LOCK_HELD_BY": "ray",
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            if "GLOO_SOCKET_IFNAME" in os.environ:
-                env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
+            for name in ("GLOO_SOCKET_IFNAME", "PHALANX_RUN_SECRET"):  # the secret: rank 0 must read the keepers'
+                if name in os.environ:
+                    env[name] = os.environ[name]
             futures.append(worker.run.remote(argv, env))
         append_event(self.run_dir, "workers", attempt=attempt, nodes=nodes, node_ids=node_ids)
         print(f"phalanx ray: attempt {attempt}: {self.workers} workers on nodes {nodes}", flush=True)
