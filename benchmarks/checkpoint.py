@@ -205,7 +205,7 @@ def snapshot_matches_state(trainer: Trainer) -> bool:
     engine = trainer.snapshots
     step = engine.finish()
     with engine.lock:
-        _, data = engine.keeper.call("fetch", rank=trainer.ctx.rank, step=step)
+        _, data = engine.keeper.call("fetch", rank=trainer.ctx.rank, step=step, limit=engine.layout.nbytes)
     held, _ = flatten_state_dict(engine.layout.unpack(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
     live, _ = flatten_state_dict(trainer.state_dict())
     same = set(held) == set(live)

@@ -5,9 +5,13 @@ maps and fills (the newest complete one, the one filling, and one a persistence 
 parity blocks of the erasure groups it serves, and a thread that writes committed snapshots to the
 persistent tier (`persistent.py`) — the keeper, not the trainer, pays for storage I/O. It listens on
 one TCP port of the cluster's interface (loopback for a local run); every connection proves it has
-the run's secret (`wire.py`). It exits after `linger_s` without a client, or when told to after the
-run's end. Started detached (`python -m phalanx.checkpoint.keeper`), so killing a trainer's process
-tree leaves it alive; a keeper that starts finds its node folder empty: a dead keeper's memory died
+the run's secret (`wire.py`), checked for all new connections at once in the serving thread
+(`gate.py`): at most `max_pending` in the handshake, none longer than `handshake_timeout_s`, and only
+an authenticated connection gets a thread. A request payload may be at most `frame_limit` bytes, the
+largest block a trainer registered (1 MiB before any), and a request's fields are checked against the
+`OPS` table before its handler runs. It exits after `linger_s` without an authenticated client, or
+when told to after the run's end. Started detached (`python -m phalanx.checkpoint.keeper`), so killing
+a trainer's process tree leaves it alive; a keeper that starts finds its node folder empty: a dead keeper's memory died
 with it, as on a real machine.
 """
 
@@ -25,9 +29,15 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from phalanx.checkpoint.gate import HandshakeGate
+from phalanx.checkpoint.wire import SMALL_PAYLOAD_BYTES, Field, WireError, field_problem, recv, send
+from phalanx.errors import PhalanxError
 
 SLOTS = 3
+MAX_RANKS = 1 << 20
+MAX_BLOCK_BYTES = 1 << 48
 
 
 @dataclass
@@ -68,13 +78,29 @@ def discovery_file(keeper_dir: str, run_id: str, node: int) -> str:
     return os.path.join(keeper_dir, run_id, f"node-{node}.json")
 
 
+def _private_dir(path: str) -> None:
+    """`path` exists and only its owner can enter it: it holds a run's snapshots and keeper addresses."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        os.chmod(path, 0o700)  # made earlier, with the umask's mode (link.connect_keeper)
+    except PermissionError:
+        raise PhalanxError(f"keeper folder {path} belongs to another user; remove it or set "
+                           f"checkpoint.keeper_dir to a folder of your own") from None
+
+
 class Keeper:
-    def __init__(self, run_id: str, node: int, secret: bytes, host: str, keeper_dir: str, linger_s: float):
+    """A node's snapshot memory and the server that hands it out (module docstring)."""
+
+    def __init__(self, run_id: str, node: int, secret: bytes, host: str, keeper_dir: str, linger_s: float,
+                 *, max_pending: int = 64, handshake_timeout_s: float = 5.0):
         self.run_id, self.node, self.secret, self.host = run_id, node, secret, host
         self.keeper_dir, self.linger_s = keeper_dir, linger_s
+        self.max_pending, self.handshake_timeout_s = max_pending, handshake_timeout_s
         self.dir = node_dir(keeper_dir, run_id, node)
         shutil.rmtree(self.dir, ignore_errors=True)  # a previous keeper's memory: gone with it
-        os.makedirs(self.dir, exist_ok=True)
+        _private_dir(os.path.join(keeper_dir, run_id))
+        _private_dir(self.dir)
+        self.frame_limit = SMALL_PAYLOAD_BYTES  # grows to the largest block a trainer registers
         self.lock = threading.Lock()
         self.ranks: dict[int, RankState] = {}
         self.parity: dict[tuple[int, int], list[ParitySlot]] = {}
@@ -87,9 +113,11 @@ class Keeper:
 
     # ---- memory ---------------------------------------------------------------------------
 
-    def register(self, rank: int, nbytes: int, plan: dict[str, Any]) -> dict[str, Any]:
+    def register(self, rank: int, nbytes: int, plan: dict[str, Any], max_block: int = 0) -> dict[str, Any]:
+        """Slots for `rank`; `max_block`, the largest block of any rank, bounds the parity it may receive."""
         with self.lock:
             self.stop_requested = False  # a trainer arrived after the last one said goodbye: keep serving
+            self.frame_limit = max(self.frame_limit, nbytes, max_block)
             state = self.ranks.get(rank)
             same = state is not None and state.nbytes == nbytes and \
                 state.plan.get("fingerprint") == plan.get("fingerprint")
@@ -112,7 +140,7 @@ class Keeper:
     def begin(self, rank: int, step: int) -> dict[str, Any]:
         """A slot for the snapshot of `step`: never the newest complete one, never a pinned one."""
         with self.lock:
-            slots = self.ranks[rank].slots
+            slots = self._state(rank).slots
             for slot in slots:  # a snapshot of `step` means the run is at `step`: later ones are stale
                 if slot.step is not None and slot.step >= step:
                     slot.status, slot.step = "empty", None
@@ -133,11 +161,16 @@ class Keeper:
 
     def complete(self, rank: int, slot: int, step: int) -> dict[str, Any]:
         with self.lock:
-            target = self.ranks[rank].slots[slot]
+            target = self._state(rank).slots[slot]
             if target.step != step or target.status != "filling":
                 return {"error": f"slot {slot} of rank {rank} holds step {target.step} ({target.status}), not {step}"}
             target.status = "complete"
             return {}
+
+    def _state(self, rank: int) -> RankState:
+        if rank not in self.ranks:
+            raise KeyError(f"rank {rank} is not registered with the keeper of node {self.node}")
+        return self.ranks[rank]
 
     def _find(self, rank: int, step: int) -> Slot:
         state = self.ranks.get(rank)
@@ -147,9 +180,17 @@ class Keeper:
         raise KeyError(f"rank {rank} step {step} is not held by the keeper of node {self.node}")
 
     def parity_add(self, gid: int, j: int, step: int, index: int, members: list[int], length: int,
-                   fingerprint: str, epoch: str, payload: memoryview) -> dict[str, Any]:
+                   fingerprint: str, epoch: str, payload: Optional[memoryview]) -> dict[str, Any]:
         import torch
 
+        payload = payload if payload is not None else memoryview(b"")
+        if index >= len(members):
+            raise IndexError(f"member index {index} is outside the group's {len(members)} members")
+        if length > self.frame_limit:
+            raise ValueError(f"parity length {length} exceeds this keeper's frame limit of {self.frame_limit} bytes "
+                             f"(the largest block registered)")
+        if len(payload) > length:
+            raise ValueError(f"parity payload of {len(payload)} bytes is longer than its length {length}")
         with self.lock:
             slots = self.parity.setdefault((gid, j), [])
             target = next((s for s in slots if s.step == step and s.epoch == epoch), None)
@@ -162,6 +203,9 @@ class Keeper:
                 slots.append(target)
             if index in target.got:
                 return {"error": f"parity {j} of group {gid} step {step} already holds member {index}"}
+            if len(payload) > len(target.buffer):
+                raise ValueError(f"parity payload of {len(payload)} bytes is longer than the {len(target.buffer)} "
+                                 f"bytes of parity {j} of group {gid} step {step}")
             target.got.add(index)
             if len(payload):
                 dst = torch.frombuffer(target.buffer, dtype=torch.uint8, count=len(payload))
@@ -177,6 +221,19 @@ class Keeper:
                        "fp": s.fingerprint}
                       for (gid, j), slots in self.parity.items() for s in slots if s.complete]
             return {"node": self.node, "data": data, "parity": parity}
+
+    def fetch(self, rank: int, step: int) -> tuple[dict[str, Any], memoryview]:
+        with self.lock:
+            slot, nbytes = self._find(rank, step), self._state(rank).nbytes
+        return {"nbytes": nbytes}, memoryview(slot.buffer)[:nbytes]
+
+    def fetch_parity(self, gid: int, j: int, step: int) -> tuple[dict[str, Any], Optional[memoryview]]:
+        with self.lock:
+            slots = self.parity.get((gid, j), [])
+            match = next((s for s in slots if s.step == step and s.complete), None)
+        if match is None:
+            return {"error": f"no complete parity {j} of group {gid} for step {step} on node {self.node}"}, None
+        return {}, memoryview(match.buffer)
 
     # ---- persistence ----------------------------------------------------------------------
 
@@ -201,8 +258,8 @@ class Keeper:
             request, slot, nbytes, plan = self.persist_queue.get()
             rank, step = request["rank"], request["step"]
             outcome: dict[str, Any] = {"done": True}
-            store = CheckpointStore(request["storage"])
-            try:
+            try:  # a bad storage URL too is reported, not the end of this thread
+                store = CheckpointStore(request["storage"])
                 store.write_rank(step, rank, memoryview(slot.buffer)[:nbytes], plan)
             except Exception as err:  # reported to the trainer, which names it in events.jsonl
                 outcome["error"] = f"{type(err).__name__}: {err}"
@@ -236,21 +293,17 @@ class Keeper:
     # ---- serving --------------------------------------------------------------------------
 
     def handle(self, conn: socket.socket) -> None:
-        from phalanx.checkpoint.wire import WireError, handshake_server, recv, send
-
-        try:  # `clients` was counted by the accept loop, before this thread existed
-            conn.settimeout(30)
-            handshake_server(conn, self.secret)
-            conn.settimeout(None)  # trainers hold their connection for the whole run
+        """Serve one authenticated connection (`gate.py` ran its handshake) until it closes."""
+        try:  # `clients` was counted by the serving loop, before this thread existed
             while True:
-                header, payload = recv(conn)
+                header, payload = recv(conn, limit=self.frame_limit)
                 self.last_activity = time.monotonic()
                 reply, data = self.dispatch(header, payload)
                 send(conn, reply, data)
-                if header["op"] == "shutdown":
+                if header.get("op") == "shutdown":
                     return
-        except (WireError, OSError, ConnectionError):
-            pass  # a client went away (or was refused): its memory stays
+        except (WireError, OSError):
+            pass  # a client went away, or sent what is not a request (nothing to answer reliably): its memory stays
         finally:
             conn.close()
             with self.lock:
@@ -258,57 +311,39 @@ class Keeper:
                 self.last_activity = time.monotonic()
 
     def dispatch(self, header: dict[str, Any], payload: Optional[memoryview]) -> tuple[dict, Optional[memoryview]]:
-        op = header["op"]
+        """The reply to one request: its `OPS` handler, once every field it needs is there with its type."""
+        op = header.get("op")
+        if not isinstance(op, str) or op not in OPS:
+            return {"error": f"unknown keeper operation {str(op)[:40]!r}; known: {', '.join(OPS)}"}, None
+        handler, fields = OPS[op]
+        problem = field_problem(op, header, fields)
+        if problem is not None:
+            return {"error": problem}, None
         try:
-            if op == "hello":
-                return {"node": self.node, "pid": os.getpid(), "run_id": self.run_id}, None
-            if op == "register":
-                return self.register(header["rank"], header["nbytes"], header.get("plan", {})), None
-            if op == "begin":
-                return self.begin(header["rank"], header["step"]), None
-            if op == "complete":
-                return self.complete(header["rank"], header["slot"], header["step"]), None
-            if op == "inventory":
-                return self.inventory(), None
-            if op == "fetch":
-                with self.lock:
-                    slot, nbytes = self._find(header["rank"], header["step"]), self.ranks[header["rank"]].nbytes
-                return {"nbytes": nbytes}, memoryview(slot.buffer)[:nbytes]
-            if op == "parity_add":
-                return self.parity_add(header["gid"], header["j"], header["step"], header["index"],
-                                       header["members"], header["length"], header["fp"], header["epoch"],
-                                       payload), None
-            if op == "fetch_parity":
-                with self.lock:
-                    slots = self.parity.get((header["gid"], header["j"]), [])
-                    match = next((s for s in slots if s.step == header["step"] and s.complete), None)
-                if match is None:
-                    return {"error": f"no complete parity {header['j']} of group {header['gid']} for step "
-                                     f"{header['step']} on node {self.node}"}, None
-                return {}, memoryview(match.buffer)
-            if op == "persist":
-                return self.persist(header), None
-            if op == "persist_busy":  # a write of this rank still holds a slot: the next persist waits
-                with self.lock:
-                    state = self.ranks.get(header["rank"])
-                    return {"busy": bool(state and any(s.pinned for s in state.slots))}, None
-            if op == "persist_status":
-                with self.lock:
-                    return dict(self.persist_results.get((header["rank"], header["step"]), {"done": False,
-                                                                                           "unknown": True})), None
-            if op == "shutdown":
-                self.stop_requested = True
-                return {}, None
-            return {"error": f"unknown keeper operation '{op}'"}, None
-        except KeyError as err:
-            return {"error": str(err.args[0]) if err.args else repr(err)}, None
+            return handler(self, header, payload)
+        except (KeyError, ValueError, IndexError) as err:
+            return {"error": f"'{op}': {err.args[0] if err.args else type(err).__name__}"}, None
+
+    def persist_busy(self, rank: int) -> dict[str, Any]:
+        """Whether a write of `rank` still holds a slot: the next persist waits."""
+        with self.lock:
+            state = self.ranks.get(rank)
+            return {"busy": bool(state and any(s.pinned for s in state.slots))}
+
+    def persist_status(self, rank: int, step: int) -> dict[str, Any]:
+        with self.lock:
+            return dict(self.persist_results.get((rank, step), {"done": False, "unknown": True}))
+
+    def shutdown(self) -> dict[str, Any]:
+        self.stop_requested = True
+        return {}
 
     def serve(self) -> None:
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind((self.host, 0))
-        server.listen(64)
-        server.settimeout(0.5)
+        server.listen(128)
+        gate = HandshakeGate(server, self.secret, self.max_pending, self.handshake_timeout_s)
         port = server.getsockname()[1]
         info = {"host": self.host, "port": port, "pid": os.getpid(), "node": self.node, "run_id": self.run_id}
         path = discovery_file(self.keeper_dir, self.run_id, self.node)
@@ -320,20 +355,18 @@ class Keeper:
         threading.Thread(target=__import__, args=("torch",), daemon=True).start()
         try:
             while True:
-                try:
-                    conn, _ = server.accept()
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for conn in gate.poll(0.5):
                     with self.lock:  # counted here, so the idle check below never misses a new client
                         self.clients += 1
+                        self.last_activity = time.monotonic()
                     threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
-                except socket.timeout:
-                    pass
-                with self.lock:
+                with self.lock:  # connections still in their handshake do not keep a keeper alive
                     idle = self.clients == 0 and self.persisting == 0
                     quiet = time.monotonic() - self.last_activity
                 if idle and (self.stop_requested or quiet > self.linger_s):
                     return
         finally:
+            gate.close()
             server.close()
             try:
                 with open(path) as f:
@@ -342,6 +375,41 @@ class Keeper:
             except (OSError, ValueError):
                 pass
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+RANK = Field("int", upper=MAX_RANKS)
+STEP = Field("int")
+NBYTES = Field("int", upper=MAX_BLOCK_BYTES)
+PARITY = Field("int", upper=256)  # parity and member indices: k + m <= 256 over GF(2^8)
+
+Handler = Callable[[Keeper, dict[str, Any], Optional[memoryview]], tuple[dict[str, Any], Optional[memoryview]]]
+
+# op -> (handler, the fields it reads); other fields of a request are ignored.
+OPS: dict[str, tuple[Handler, dict[str, Field]]] = {
+    "hello": (lambda k, h, p: ({"node": k.node, "pid": os.getpid(), "run_id": k.run_id}, None), {}),
+    "register": (lambda k, h, p: (k.register(h["rank"], h["nbytes"], h.get("plan", {}), h.get("max_block", 0)), None),
+                 {"rank": RANK, "nbytes": NBYTES, "plan": Field("dict", optional=True),
+                  "max_block": Field("int", upper=MAX_BLOCK_BYTES, optional=True)}),
+    "begin": (lambda k, h, p: (k.begin(h["rank"], h["step"]), None), {"rank": RANK, "step": STEP}),
+    "complete": (lambda k, h, p: (k.complete(h["rank"], h["slot"], h["step"]), None),
+                 {"rank": RANK, "slot": Field("int", upper=SLOTS), "step": STEP}),
+    "inventory": (lambda k, h, p: (k.inventory(), None), {}),
+    "fetch": (lambda k, h, p: k.fetch(h["rank"], h["step"]), {"rank": RANK, "step": STEP}),
+    "parity_add": (lambda k, h, p: (k.parity_add(h["gid"], h["j"], h["step"], h["index"], h["members"], h["length"],
+                                                 h["fp"], h["epoch"], p), None),
+                   {"gid": RANK, "j": PARITY, "step": STEP, "index": PARITY,
+                    "members": Field("ints", upper=MAX_RANKS, count=256), "length": NBYTES,
+                    "fp": Field("str"), "epoch": Field("str")}),
+    "fetch_parity": (lambda k, h, p: k.fetch_parity(h["gid"], h["j"], h["step"]),
+                     {"gid": RANK, "j": PARITY, "step": STEP}),
+    "persist": (lambda k, h, p: (k.persist(h), None),
+                {"rank": RANK, "step": STEP, "storage": Field("str"), "world_size": Field("int", upper=MAX_RANKS + 1),
+                 "coordinator": Field("bool", optional=True), "timeout_s": Field("number"), "keep_last": Field("int"),
+                 "info": Field("dict", optional=True), "sign": Field("bool", optional=True)}),
+    "persist_busy": (lambda k, h, p: (k.persist_busy(h["rank"]), None), {"rank": RANK}),
+    "persist_status": (lambda k, h, p: (k.persist_status(h["rank"], h["step"]), None), {"rank": RANK, "step": STEP}),
+    "shutdown": (lambda k, h, p: (k.shutdown(), None), {}),
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
