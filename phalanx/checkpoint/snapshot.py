@@ -190,7 +190,10 @@ class SnapshotEngine:
         if self.keeper is None:
             self.keeper = connect_keeper(self.run_dir, self.run_id, self.secret, self.node, self.host,
                                          self.keeper_dir, self.cfg.keeper_linger_s, self.timeout)
-        reply, _ = self.keeper.call("register", rank=self.ctx.rank, nbytes=self.layout.nbytes, plan=plan)
+        # Every rank's block length bounds what this keeper accepts, parity of any group included
+        largest = max(self.block_lengths) if self.block_lengths else self.layout.nbytes
+        reply, _ = self.keeper.call("register", rank=self.ctx.rank, nbytes=self.layout.nbytes, plan=plan,
+                                    max_block=largest)
         self._unmap()
         for path in reply["paths"]:
             with open(path, "r+b") as f:
@@ -559,7 +562,7 @@ class SnapshotEngine:
         return "peers (erasure decode)", self._decode(step, everyone, sources)
 
     def _fetch_block(self, node: int, rank: int, step: int) -> torch.Tensor:
-        header, payload = self._peer(node).call("fetch", rank=rank, step=step)
+        header, payload = self._peer(node).call("fetch", rank=rank, step=step, limit=self.block_lengths[rank])
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
     def _decode(self, step: int, everyone: list[dict], sources: dict) -> torch.Tensor:
@@ -578,7 +581,8 @@ class SnapshotEngine:
         for node, entry in entries:
             if len(blocks) >= k:
                 break
-            _, payload = self._peer(node).call("fetch_parity", gid=entry["gid"], j=entry["j"], step=step)
+            _, payload = self._peer(node).call("fetch_parity", gid=entry["gid"], j=entry["j"], step=step,
+                                               limit=max(self.block_lengths[m] for m in members))
             blocks[k + entry["j"]] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         data = self.codec.decode(dict(sorted(blocks.items())[:k]) if len(blocks) > k else blocks)
         return data[members.index(rank)][: self.layout.nbytes].clone()
