@@ -253,13 +253,15 @@ class Keeper:
         """Writes ranks' files one at a time; the coordinator's wait for every rank's files (some of
         which this same keeper may still have to write) runs in a thread of its own."""
         from phalanx.checkpoint.persistent import CheckpointStore
+        from phalanx.checkpoint.signing import signing_key
 
         while True:
             request, slot, nbytes, plan = self.persist_queue.get()
             rank, step = request["rank"], request["step"]
             outcome: dict[str, Any] = {"done": True}
             try:  # a bad storage URL too is reported, not the end of this thread
-                store = CheckpointStore(request["storage"])
+                key = signing_key(self.secret) if request.get("sign") else None
+                store = CheckpointStore(request["storage"], key=key)
                 store.write_rank(step, rank, memoryview(slot.buffer)[:nbytes], plan)
             except Exception as err:  # reported to the trainer, which names it in events.jsonl
                 outcome["error"] = f"{type(err).__name__}: {err}"

@@ -192,7 +192,7 @@ class CheckpointStore:
         try:
             manifest = self.read_manifest(step)
         except FileNotFoundError:
-            return [f"step-{step} has no {MANIFEST} (an interrupted write): incomplete"]
+            return [f"step-{step} has no readable {MANIFEST} (an interrupted write): incomplete"]
         except CheckpointRefused as err:
             return [str(err)]
         if signed and self.key is not None:

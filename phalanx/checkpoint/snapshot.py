@@ -35,6 +35,8 @@ from phalanx.checkpoint.flat import FlatLayout, encode_values, flatten_state_dic
 from phalanx.checkpoint.groups import ErasureGroup, erasure_groups
 from phalanx.checkpoint.link import connect_keeper, default_keeper_dir, find_keeper, keeper_host, run_identity
 from phalanx.checkpoint.persistent import CheckpointStore, persist_plan
+from phalanx.checkpoint.signing import signing_key
+from phalanx.checkpoint.untrusted import CheckpointRefused
 from phalanx.checkpoint.wire import KeeperClient, WireError
 from phalanx.errors import PhalanxError
 from phalanx.launch.dist import DistContext
@@ -84,13 +86,14 @@ class SnapshotEngine:
         self.rank_local_keys, self.event = rank_local_keys, event
         self.timeout = cfg.fault.collective_timeout_s
         self.group = group  # the checkpoint's own gloo group: commits and plans never queue behind training
-        identity = (*run_identity(run_dir), os.urandom(8).hex()) if ctx.is_main else None
+        identity = (*run_identity(run_dir, self.cfg.key_file), os.urandom(8).hex()) if ctx.is_main else None
         self.run_id, self.secret, self.epoch = self._broadcast(identity)  # epoch: this launch
         self.nodes = node_ids(ctx, self.cfg.simulate_nodes, self.group)
         self.node = self.nodes[ctx.rank]
         self.keeper_dir = self.cfg.keeper_dir or default_keeper_dir()
         self.host = keeper_host(self.cfg.keeper_host)
-        self.store = CheckpointStore(self.cfg.storage or os.path.join(run_dir, "checkpoints"))
+        self.store = CheckpointStore(self.cfg.storage or os.path.join(run_dir, "checkpoints"),
+                                     key=signing_key(self.secret) if self.cfg.sign else None, run_hint=run_dir)
         self.groups, self.erasure_reason = erasure_groups(self.nodes, self.cfg.erasure_k, self.cfg.erasure_m)
         self.codec = ErasureCodec(self.cfg.erasure_k, self.cfg.erasure_m) if self.groups else None
         self.my_group, self.my_index = next(((g, g.members.index(ctx.rank)) for g in self.groups
@@ -450,7 +453,7 @@ class SnapshotEngine:
         self.persist_requested.add(step)
         self._call("persist", rank=self.ctx.rank, step=step, storage=self.store.url,
                    world_size=self.ctx.world_size, coordinator=self.ctx.rank == 0, timeout_s=self.timeout,
-                   keep_last=self.cfg.keep_last, info={"world_size": self.ctx.world_size})
+                   keep_last=self.cfg.keep_last, info={"world_size": self.ctx.world_size}, sign=self.cfg.sign)
 
     def persist_and_wait(self, step: int) -> Optional[str]:
         """Snapshot `step` if needed, persist it, wait until this rank's part (rank 0: the manifest) is
@@ -494,12 +497,50 @@ class SnapshotEngine:
                                  "reason": f"step {step} is complete in keeper memory for all "
                                            f"{self.ctx.world_size} ranks" +
                                            (f"; storage's newest is step {stored}" if stored is not None else "")}
+        newest_stored = stored
+        state, stored = self._load_stored(stored, template_fn)
         if stored is None:
+            self._refuse_if_all_refused()
             return None, None, {}
-        state = self.store.load(stored, template_fn(), self.ctx.rank, self.ctx.world_size, self.rank_local_keys)
         reason = (f"no step newer than {stored} is complete in the keepers of all ranks ({_held(everyone)})"
                   if step is None else f"storage step {stored} is newer than memory step {step}")
+        if stored != newest_stored:
+            reason += f"; step {newest_stored} was refused (events.jsonl: checkpoint_skipped)"
         return state, stored, {"tier": "storage", "reason": reason}
+
+    def _load_stored(self, stored: Optional[int], template_fn: StateFn
+                     ) -> tuple[Optional[dict[str, Any]], Optional[int]]:
+        """The newest stored checkpoint from `stored` down that every rank loads; one that any rank refuses
+        is reported and the next older verified one tried. Collective."""
+        while stored is not None:
+            try:
+                state, problem = self.store.load(stored, template_fn(), self.ctx.rank, self.ctx.world_size,
+                                                 self.rank_local_keys), None
+            except CheckpointRefused as err:
+                state, problem = None, str(err)
+            problems = [p for p in self._all_gather(problem) if p]
+            if not problems:
+                return state, stored
+            if self.ctx.is_main:
+                self._skipped(stored, problems[0])
+            below = stored
+            stored = self._broadcast(self.store.newest_valid(self._skipped, below=below) if self.ctx.is_main else None)
+        return None, None
+
+    def _refuse_if_all_refused(self) -> None:
+        """A run whose storage holds committed checkpoints, none of them usable, does not start over on top of
+        them (retention would delete them): the user decides. Collective."""
+        refused = None
+        if self.ctx.is_main:
+            kept = [s for s in self.store.step_dirs() if self.store.fs.exists(f"{self.store.path(s)}/manifest.json")]
+            if kept:
+                refused = (f"none of the {len(kept)} persisted checkpoints in {self.store.url} can be used (steps "
+                           f"{', '.join(map(str, kept))}; events.jsonl says why each was refused) and nothing was "
+                           f"overwritten: adopt one you trust with `phalanx ckpt verify {self.run_dir} --step N "
+                           f"--trust`, or start a new run beside it with run.resume=false")
+        refused = self._broadcast(refused)
+        if refused:
+            raise PhalanxError(refused)
 
     def _skipped(self, step: int, problem: str) -> None:
         import warnings
