@@ -144,7 +144,7 @@ def find_keeper(run_id: str, secret: bytes, node: int, keeper_dir: str, timeout:
 def connect_keeper(run_dir: str, run_id: str, secret: bytes, node: int, host: str, keeper_dir: str,
                    linger_s: float, timeout: float) -> KeeperClient:
     """A connection to the node's keeper, starting one (detached) if none answers."""
-    os.makedirs(os.path.join(keeper_dir, run_id), exist_ok=True)
+    os.makedirs(os.path.join(keeper_dir, run_id), mode=0o700, exist_ok=True)  # the keeper checks its owner
     path = discovery_file(keeper_dir, run_id, node)
     client = _try_connect(path, secret, timeout)
     if client is not None:

@@ -168,10 +168,15 @@ class KeeperClient:
         self.address = f"{host}:{port}"
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handshake_client(self.sock, secret)
         except (OSError, ValueError) as err:  # ValueError: a host name the resolver cannot encode
             raise WireError(f"cannot reach the keeper at {self.address}: {err}") from err
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handshake_client(self.sock, secret)
+        except (OSError, WireError) as err:
+            self.sock.close()  # a refused handshake leaves no open socket behind
+            raise err if isinstance(err, WireError) else WireError(f"cannot reach the keeper at {self.address}: "
+                                                                   f"{err}") from err
 
     def call(self, op: str, payload: Optional[memoryview] = None, into: Optional[memoryview] = None,
              limit: Optional[int] = None, **fields: Any) -> tuple[dict[str, Any], Optional[memoryview]]:
