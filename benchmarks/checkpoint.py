@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/checkpoint.py [--d-model 512 --layers 8] [--reps 4] [--blocks 4] [--steps 3]
     python3 benchmarks/checkpoint.py --device cuda --d-model 1024 --layers 28 --heads 16 --kv-heads 16 \
         --seq 1024 --batch 16 --micro 16 --dtype bf16          # the 356M GPU case (benchmarks/gpu/)
+    .venv/bin/python benchmarks/checkpoint.py --quick         # a tiny GPT, one checkpoint each, 1 MiB codec: checks it runs
 
 One process trains one GPT (configs/tiny.yaml widened; AdamW state included) with a Trainer built
 in-process. Every method checkpoints the same `trainer.state_dict()`:
@@ -53,6 +54,9 @@ from phalanx.trainer import Trainer  # noqa: E402
 from phalanx.trainer.rundir import prepare_run_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --quick: a GPT of ~0.1M parameters, one checkpoint per method, one block per mode, codecs on 1 MiB; not a result.
+QUICK = {"d_model": 64, "layers": 2, "heads": 4, "kv_heads": 2, "seq": 32, "batch": 4, "micro": 4, "reps": 1,
+         "blocks": 1, "steps": 2, "codec_mib": 1, "codec_repeats": 1}
 
 
 def build_trainer(root: str, args: argparse.Namespace) -> Trainer:
@@ -308,9 +312,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--keeper-dir", default="", help="checkpoint.keeper_dir (default /dev/shm/phalanx-UID)")
     parser.add_argument("--gpu-codec-mib", type=int, default=1024, help="data MiB for the GPU codec figures")
+    parser.add_argument("--codec-mib", type=int, default=64, help="data MiB for the CPU codec figures")
+    parser.add_argument("--codec-repeats", type=int, default=5, help="timed runs per CPU codec figure (3 at most "
+                        "on the snapshot block)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the per-step overhead, three ways (per-step synchronise, shorter GIL switch "
                              "interval, none)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, one checkpoint per method, codecs on "
+                        "1 MiB (the test suite's run)")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     # DCP without a process group says "assuming the intent is to save in a single process": it is.
@@ -344,9 +355,9 @@ def main() -> None:
         trainer.snapshots.close(release=True)
         shutil.rmtree(root, ignore_errors=True)
 
-    small = measure_codecs(4, 2, 64 << 20)
+    small = measure_codecs(4, 2, args.codec_mib << 20, repeats=args.codec_repeats)
     # On a GPU the state is GBs: the torch path would take minutes on it; the GPU codec is measured instead.
-    block = measure_codecs(4, 2, state_bytes, repeats=3) if not cuda else None
+    block = measure_codecs(4, 2, state_bytes, repeats=min(3, args.codec_repeats)) if not cuda else None
     gpu_codec = measure_gpu_codec(4, 2, args.gpu_codec_mib << 20) if cuda else None
 
     stall_ms = {"phalanx": overhead["stall_ms"], "phalanx_unoverlapped": ms(direct["total"]),
@@ -373,7 +384,7 @@ def main() -> None:
           f"each): overhead {queued['overhead_pct']:+.2f}%")
     print("\nerasure k=4 m=2, GB/s of data, one thread")
     print("| data | phalanx enc | phalanx dec | zfec enc | zfec dec | pyeclib enc | pyeclib dec |\n|---|---|---|---|---|---|---|")
-    for name, r in (("64 MiB", small), (f"{state_bytes / 2**20:.0f} MiB (one block)", block)):
+    for name, r in ((f"{args.codec_mib} MiB", small), (f"{state_bytes / 2**20:.0f} MiB (one block)", block)):
         if r is None:
             continue
         cells = [r["encode_gbps"], r["decode_gbps"], r["zfec_encode_gbps"], r["zfec_decode_gbps"],

@@ -9,6 +9,10 @@ Part 1: one process (CPU; or one GPU with --device cuda, bf16 autocast).
 Part 2: ep = 2 on gloo over loopback, each rank with its own tokens and half the experts (CPU only).
 
     python benchmarks/moe.py [--iters 20] [--device cpu|cuda] [--skip-ep] [--kernel auto|grouped_mm|loop]
+    python benchmarks/moe.py --quick     # a tiny layer, 2 timed iterations, forked ranks: checks it runs
+
+--quick forks the ranks instead of spawning them, so they inherit the parent's imports (DeepSpeed's
+import alone takes seconds per rank on a 2-core machine).
 
 Last line: JSON with `speedup` = DeepSpeed time / phalanx time (geometric mean over the parts run).
 """
@@ -34,7 +38,9 @@ sys.path.insert(0, REPO)
 SHAPES = {  # tokens = batch * seq per rank
     "cpu": dict(batch=16, seq=256, d_model=256, ffn=512, experts=8, top_k=2, capacity_factor=1.25),
     "cuda": dict(batch=8, seq=2048, d_model=2048, ffn=1408, experts=16, top_k=2, capacity_factor=1.25),
+    "tiny": dict(batch=2, seq=32, d_model=64, ffn=128, experts=4, top_k=2, capacity_factor=1.25),  # --quick
 }
+QUICK = {"iters": 2, "shape": "tiny", "start_method": "fork"}  # --quick: checks the script runs; not a result
 
 
 def _free_port() -> int:
@@ -139,10 +145,12 @@ def _worker(rank: int, world: int, port: int, shape: dict, iters: int, device_ty
     dist.destroy_process_group()
 
 
-def run(world: int, shape: dict, iters: int, device_type: str, kernel: str = "auto") -> dict:
+def run(world: int, shape: dict, iters: int, device_type: str, kernel: str = "auto",
+        start_method: str = "spawn") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(world, _free_port(), shape, iters, device_type, kernel, out), nprocs=world, join=True)
+        mp.start_processes(_worker, args=(world, _free_port(), shape, iters, device_type, kernel, out), nprocs=world,
+                           join=True, start_method=start_method)
         return torch.load(out)
 
 
@@ -153,15 +161,23 @@ def main() -> None:
     parser.add_argument("--skip-ep", action="store_true")
     parser.add_argument("--kernel", choices=("auto", "grouped_mm", "loop"), default="auto",
                         help="phalanx's expert kernel (model.moe.kernel)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="layer and token shape (default: the device's)")
+    parser.add_argument("--start-method", choices=("spawn", "fork"), default="spawn", help="how ranks are started")
+    parser.add_argument("--quick", action="store_true", help="tiny shape, 2 timed iterations, forked ranks "
+                        "(the test suite's run)")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
-    shape = SHAPES[args.device]
+    shape = SHAPES[args.shape or args.device]
+    if args.start_method == "fork":
+        import deepspeed  # noqa: F401  (imported once here; the forked ranks inherit it)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"device: {device_name} x{os.cpu_count()} cores, torch {torch.__version__}; shape {shape}", flush=True)
 
-    parts = {"one_process": run(1, shape, args.iters, args.device, args.kernel)}
+    parts = {"one_process": run(1, shape, args.iters, args.device, args.kernel, args.start_method)}
     print(f"one process: {parts['one_process']}", flush=True)
     if not args.skip_ep and args.device == "cpu":
-        parts["ep2"] = run(2, shape, args.iters, args.device, args.kernel)
+        parts["ep2"] = run(2, shape, args.iters, args.device, args.kernel, args.start_method)
         print(f"ep=2 (gloo): {parts['ep2']}", flush=True)
     speedup = math.exp(statistics.mean(math.log(p["speedup"]) for p in parts.values()))
     print(json.dumps({"benchmark": "moe", "device": device_name, "kernel": args.kernel, "shape": shape, **parts,

@@ -12,6 +12,10 @@ same step written by hand with `PipelineStage` + `Schedule1F1B` + global-norm cl
 a manually split model; the two alternate step by step.
 
     python benchmarks/pipeline.py [--steps 12] [--skip-bubble]
+    python benchmarks/pipeline.py --quick      # 1F1B bubble at p=2, m=4 over one run, 2 timed steps: checks it runs
+
+--quick also forks the ranks instead of spawning them, so they inherit the parent's imports (torch's
+pipelining pulls in torch._dynamo: seconds per rank on a 2-core machine).
 
 Last line: JSON with `speedup` = hand-built step time / phalanx step time.
 """
@@ -33,6 +37,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 FORWARD_S, BACKWARD_S = 0.020, 0.040
+# --quick: one bubble case, timed over one schedule run, and two timed steps; not a result.
+QUICK = {"steps": 2, "bubble_runs": 1, "schedules": ["1f1b"], "stages": [2], "micro": [4], "start_method": "fork"}
 
 
 def _free_port() -> int:
@@ -72,7 +78,7 @@ class _SyntheticStage(torch.nn.Module):
         return _Hold.apply(x * self.weight)
 
 
-def _bubble_worker(rank: int, world: int, port: int, schedule: str, micro: int, out: str) -> None:
+def _bubble_worker(rank: int, world: int, port: int, schedule: str, micro: int, runs: int, out: str) -> None:
     _env(rank, world, port)
     import torch.distributed as dist
 
@@ -86,9 +92,9 @@ def _bubble_worker(rank: int, world: int, port: int, schedule: str, micro: int, 
     x, target = torch.randn(micro, 8), torch.randn(micro, 8)
     runner.run(x, target)  # shape inference and warm-up
     runner.take_timing()
-    for _ in range(3):
+    for _ in range(runs):
         runner.run(x, target)
-    busy, wall = runner.take_timing()
+    busy, wall, _ = runner.take_timing()
     idle = torch.tensor([1.0 - busy / wall])
     dist.all_reduce(idle)
     if rank == 0:
@@ -97,10 +103,11 @@ def _bubble_worker(rank: int, world: int, port: int, schedule: str, micro: int, 
     dist.destroy_process_group()
 
 
-def bubble(schedule: str, pp: int, micro: int) -> float:
+def bubble(schedule: str, pp: int, micro: int, runs: int = 3, start_method: str = "spawn") -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.spawn(_bubble_worker, args=(pp, _free_port(), schedule, micro, out), nprocs=pp, join=True)
+        mp.start_processes(_bubble_worker, args=(pp, _free_port(), schedule, micro, runs, out), nprocs=pp, join=True,
+                           start_method=start_method)
         return torch.load(out)
 
 
@@ -172,10 +179,11 @@ def _speed_worker(rank: int, world: int, port: int, steps: int, out: str) -> Non
         dist.destroy_process_group()
 
 
-def speed(steps: int) -> dict:
+def speed(steps: int, start_method: str = "spawn") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.spawn(_speed_worker, args=(2, _free_port(), steps, out), nprocs=2, join=True)
+        mp.start_processes(_speed_worker, args=(2, _free_port(), steps, out), nprocs=2, join=True,
+                           start_method=start_method)
         return torch.load(out)
 
 
@@ -183,23 +191,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip-bubble", action="store_true")
+    parser.add_argument("--bubble-runs", type=int, default=3, help="timed schedule runs per bubble case")
+    parser.add_argument("--schedules", nargs="+", choices=("gpipe", "1f1b"), default=["gpipe", "1f1b"])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4], help="pipeline degrees p of the bubble part")
+    parser.add_argument("--micro", type=int, nargs="+", default=[4, 8], help="micro-batch counts m of the bubble part")
+    parser.add_argument("--start-method", choices=("spawn", "fork"), default="spawn", help="how ranks are started")
+    parser.add_argument("--quick", action="store_true", help="one bubble case, 2 timed steps, forked ranks "
+                        "(the test suite's run)")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
     from phalanx.scheduler.pipeline import theoretical_bubble
 
     result: dict = {"benchmark": "pipeline", "torch": torch.__version__}
     if not args.skip_bubble:
         rows = []
-        for schedule in ("gpipe", "1f1b"):
-            for pp in (2, 4):
-                for micro in (4, 8):
-                    measured, theory = bubble(schedule, pp, micro), theoretical_bubble(pp, micro)
+        for schedule in args.schedules:
+            for pp in args.stages:
+                for micro in args.micro:
+                    measured = bubble(schedule, pp, micro, args.bubble_runs, args.start_method)
+                    theory = theoretical_bubble(pp, micro)
                     rows.append({"schedule": schedule, "p": pp, "m": micro, "measured": round(measured, 4),
                                  "theory": round(theory, 4), "diff_pp": round(100 * (measured - theory), 2)})
                     print(f"bubble {schedule:5s} p={pp} m={micro}: measured {measured:.3f}, theory {theory:.3f}, "
                           f"difference {100 * (measured - theory):+.1f} points", flush=True)
         result["bubble"] = rows
         result["bubble_max_diff_points"] = max(abs(r["diff_pp"]) for r in rows)
-    times = speed(args.steps)
+    times = speed(args.steps, args.start_method)
     print(f"pp=2 1F1B tiny GPT step: phalanx {times['phalanx'] * 1e3:.1f} ms, "
           f"hand-built torch.distributed.pipelining {times['anchor'] * 1e3:.1f} ms", flush=True)
     result.update(phalanx_ms=round(times["phalanx"] * 1e3, 2), anchor_ms=round(times["anchor"] * 1e3, 2),

@@ -5,9 +5,12 @@ For 2 and 4 gloo ranks on this machine: calibrate (`phalanx plan --calibrate`'s 
 all ranks at once; once per round, each figure taken from its least disturbed round), cost the grid of dense layouts phalanx runs on CPU (dp / sp / pp mixes over ddp
 and fsdp), then measure each with the real trainer (fastest step of the timed steps over rounds, slowest rank).
 Prints one line per layout and, last, a JSON line:
-`{"max_abs_error": .., "recommended_vs_best": measured(recommended) / measured(best), ...}`.
+`{"max_abs_error": .., "recommended_vs_best": measured(recommended) / measured(best), "speedup": .., ...}`,
+where `speedup` = measured(best) / measured(recommended) at the worst world, the step time of the planner's pick
+against the fastest layout measured (the anchor): at most 1, and 1.0 when the planner picked the fastest.
 
     .venv/bin/python benchmarks/plan.py [--steps 5] [--worlds 2 4] [--rounds 3] [--topology-out PREFIX]
+    .venv/bin/python benchmarks/plan.py --quick     # one rank in-process, one round of 3 steps: checks it runs
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 # configs/tiny.yaml's model (4 blocks, d=128, 4 heads) at 128 tokens, 16 sequences per step
 BASE = ["train.batch_size=16", "train.micro_batch_size=4", "train.eval_every=0", "log.wandb=disabled",
         "log.progress=none", "data.seq_len=128"]
+# --quick: one rank (calibration and the one dense layout run in this process), one round, a smaller model;
+# not a result.
+QUICK = {"worlds": [1], "rounds": 1, "steps": 3,
+         "overrides": ["model.d_model=64", "model.n_layers=2", "data.seq_len=32", "model.max_seq_len=32"]}
 
 
-def grid(world: int) -> list[Layout]:
+def grid(world: int, base: list[str] = BASE) -> list[Layout]:
     """The dense CPU layouts of `world` ranks: every dp/sp/pp factorisation with ddp, fsdp where there is no
     pipeline, and 1F1B (GPipe too on 2 ranks); 16 sequences of 128 tokens per step."""
-    cfg = load_config(CONFIG, BASE)
+    cfg = load_config(CONFIG, base)
     out = []
     for pp in (1, 2, 4):
         for sp in (1, 2, 4):
@@ -79,18 +86,24 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--topology-out", default=None, help="save each world's least disturbed calibration here")
+    parser.add_argument("--quick", action="store_true", help="one rank, one round of 3 steps, a smaller model "
+                        "(the test suite's run)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every layout, e.g. model.n_layers=2")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
-    cfg = load_config(CONFIG, BASE)
+    base = [*BASE, *args.overrides]
+    cfg = load_config(CONFIG, base)
     summary: dict = {"worlds": {}}
     errors = []
     for world in args.worlds:
-        layouts = grid(world)
+        layouts = grid(world, base)
         measured: dict = {}
         topos = []
         for _ in range(args.rounds):  # rounds interleave calibration and layouts: a burst of other load hits all alike
             topos.append(calibrate_local(cfg, world))
             for lay in layouts:
-                ranks = measure_layout(CONFIG, BASE + lay.overrides(), world, steps=args.steps)
+                ranks = measure_layout(CONFIG, base + lay.overrides(), world, steps=args.steps)
                 # a step ends when its slowest rank does; the fastest step is the one least disturbed by other
                 # work on this shared machine (calibration takes minima too)
                 step = min(max(r["seconds"][i] for r in ranks) for i in range(1, args.steps))
@@ -131,6 +144,7 @@ def main() -> None:
     summary["within_25pct"] = sum(e <= 0.25 for e in errors)
     summary["layouts"] = len(errors)
     summary["recommended_vs_best"] = max(w["recommended_vs_best"] for w in summary["worlds"].values())
+    summary["speedup"] = round(1 / summary["recommended_vs_best"], 3)
     print(json.dumps(summary))
 
 

@@ -3,11 +3,13 @@
 Both train the same GPT (same init, same AdamW, warmup + cosine LR, gradient clipping, same
 batch size and autocast). The anchor loop reuses one pre-built batch and reads the loss every
 step, as a minimal script would; phalanx's step is measured end to end inside `Trainer.fit`:
-drawing the batch, forward/backward, clipping, optimizer, metrics and trackers (JSONL).
+drawing the batch, forward/backward, clipping, optimizer, metrics and trackers (JSONL), and the in-memory
+snapshot after each step (checkpoint.snapshot_every=1, the default; the final persist is left out).
 Rounds alternate between the two so machine noise hits both; medians are compared.
 
     python benchmarks/trainer_overhead.py                 # CPU shape (this machine)
     python benchmarks/trainer_overhead.py --preset gpt-1.3b --compile   # the GPU shape
+    python benchmarks/trainer_overhead.py --quick         # a tiny GPT, one short round: checks it runs
 
 Last line: JSON with `speedup` = anchor step time / phalanx step time.
 """
@@ -46,7 +48,12 @@ PRESETS = {
     "gpt-1.3b": ["model.d_model=2048", "model.n_layers=24", "model.n_heads=16", "model.max_seq_len=2048",
                  "data.seq_len=2048", "train.batch_size=8", "train.micro_batch_size=8", "model.vocab_size=32000",
                  "train.dtype=bf16"],
+    # --quick: a GPT small enough that both sides build and run in a second or two (not a result).
+    "tiny": ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "data.seq_len=32",
+             "train.batch_size=4", "train.micro_batch_size=4", "model.vocab_size=256"],
 }
+# --quick: the tiny shape, one round of a few steps; every default can still be overridden.
+QUICK = {"preset": "tiny", "steps": 4, "warmup": 1, "rounds": 1}
 
 
 def phalanx_steps(overrides: list[str], steps: int, warmup: int) -> list[float]:
@@ -60,7 +67,7 @@ def phalanx_steps(overrides: list[str], steps: int, warmup: int) -> list[float]:
         trainer = Trainer(cfg, DistContext(0, 1, 0, device), run_dir)
         stamps: list[float] = []
         trainer.hooks.append(lambda t, m: stamps.append(time.perf_counter()))
-        trainer.checkpointer.save = lambda step, state: ""  # the final save is not part of a step
+        trainer.save = lambda: None  # the final persist is not part of a step
         trainer.fit()
     return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
 
@@ -103,7 +110,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="train.compile=true for both")
+    parser.add_argument("--quick", action="store_true", help="tiny shape, one short round (the test suite's run)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.n_layers=2")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
     overrides = [*PRESETS[args.preset], *args.overrides] + (["train.compile=true"] if args.compile else [])
 

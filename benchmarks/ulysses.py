@@ -6,9 +6,11 @@ layers alternate iteration by iteration so machine noise hits both. Part 2: phal
 train step under torchrun for sp = 1, 2, 4 with the sequence length scaled with sp (weak scaling).
 
     python benchmarks/ulysses.py [--iters 20] [--skip-train]
+    python benchmarks/ulysses.py --quick     # tiny shapes, layers at sp = 2, a train run at sp = 1: checks it runs
 
 Last line: JSON with `speedup` = DeepSpeed time / phalanx time (geometric mean over sp).
 On a 2-core machine sp = 4 puts 4 processes on 2 cores: compare the two layers, not the sp degrees.
+--quick also forks the layer ranks instead of spawning them, so they inherit the parent's imports.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ import torch.multiprocessing as mp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+SHAPE = {"batch": 2, "seq_per_rank": 512, "heads": 8, "kv_heads": 8, "head_dim": 64}
+TRAIN_MODEL = ["model.n_heads=8", "model.n_kv_heads=8", "model.d_model=256"]
+# --quick: checks the script runs (the test suite's run); not a result.
+QUICK = {"iters": 2, "layer_sp": [2], "train_sp": [1], "train_steps": 5, "train_seq_per_rank": 32,
+         "start_method": "fork"}
+QUICK_SHAPE = {"batch": 1, "seq_per_rank": 32, "heads": 4, "kv_heads": 4, "head_dim": 16}
+QUICK_TRAIN_MODEL = ["model.n_heads=4", "model.n_kv_heads=4", "model.d_model=64", "model.n_layers=2"]
 
 
 def _free_port() -> int:
@@ -77,27 +87,32 @@ def _layer_worker(rank: int, sp: int, port: int, shape: dict, iters: int, out: s
     dist.destroy_process_group()
 
 
-def layer_times(sp: int, shape: dict, iters: int) -> dict[str, float]:
+def layer_times(sp: int, shape: dict, iters: int, start_method: str = "spawn") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
-        mp.spawn(_layer_worker, args=(sp, _free_port(), shape, iters, out), nprocs=sp, join=True)
+        mp.start_processes(_layer_worker, args=(sp, _free_port(), shape, iters, out), nprocs=sp, join=True,
+                           start_method=start_method)
         return torch.load(out)
 
 
-def train_tokens_per_s(sp: int, seq_per_rank: int, steps: int) -> float:
-    """Median tokens/s/device of phalanx's train step with seq_len = seq_per_rank * sp over sp ranks."""
+def train_tokens_per_s(sp: int, seq_per_rank: int, steps: int, model: list[str] = TRAIN_MODEL) -> float:
+    """Median tokens/s/device of phalanx's train step with seq_len = seq_per_rank * sp over sp ranks (steps after
+    the third)."""
     with tempfile.TemporaryDirectory() as root:
         seq = seq_per_rank * sp
         overrides = [f"parallel.sp={sp}", "parallel.dp=1", f"data.seq_len={seq}", f"model.max_seq_len={seq}",
                      f"train.steps={steps}", "train.batch_size=4", "train.micro_batch_size=4", "train.eval_every=0",
                      "checkpoint.persist_every=0", "log.every=1", "log.progress=none", "log.wandb=disabled",
-                     f"run.dir={root}", "run.name=bench", "model.n_heads=8", "model.n_kv_heads=8", "model.d_model=256"]
+                     f"run.dir={root}", "run.name=bench", *model]
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
         launcher = ([sys.executable, "-m", "phalanx"] if sp == 1 else
                     [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(sp), "--master-addr",
                      "127.0.0.1", "--master-port", str(_free_port()), "-m", "phalanx"])
-        subprocess.run([*launcher, "train", os.path.join(REPO, "configs/tiny_sp.yaml"), *overrides], cwd=REPO,
-                       env=env, check=True, capture_output=True, timeout=900)
+        done = subprocess.run([*launcher, "train", os.path.join(REPO, "configs/tiny_sp.yaml"), *overrides], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise SystemExit(f"ulysses benchmark: the sp={sp} train run exited with {done.returncode}; its last "
+                             f"output:\n{(done.stdout + done.stderr)[-3000:]}")
         with open(os.path.join(root, "bench", "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         return statistics.median(r["tokens_per_s_per_device"] for r in rows if r["step"] > 3)
@@ -107,21 +122,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--skip-train", action="store_true", help="only the layer comparison")
+    parser.add_argument("--layer-sp", type=int, nargs="+", default=[2, 4], help="sp degrees of the layer comparison")
+    parser.add_argument("--train-sp", type=int, nargs="+", default=[1, 2, 4], help="sp degrees of the train steps")
+    parser.add_argument("--train-steps", type=int, default=12, help="steps per train run (the median skips 3)")
+    parser.add_argument("--train-seq-per-rank", type=int, default=256, help="train tokens per rank per sequence")
+    parser.add_argument("--start-method", choices=("spawn", "fork"), default="spawn",
+                        help="how the layer comparison's ranks are started")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, layers at sp = 2, one train run at sp = 1, "
+                        "forked ranks (the test suite's run)")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
-    shape = {"batch": 2, "seq_per_rank": 512, "heads": 8, "kv_heads": 8, "head_dim": 64}
+    shape, model = (QUICK_SHAPE, QUICK_TRAIN_MODEL) if args.quick else (SHAPE, TRAIN_MODEL)
+    if args.start_method == "fork":
+        import deepspeed  # noqa: F401  (imported once here; the forked ranks inherit it)
 
     per_sp = {}
-    for sp in (2, 4):
-        t = layer_times(sp, shape, args.iters)
+    for sp in args.layer_sp:
+        t = layer_times(sp, shape, args.iters, args.start_method)
         per_sp[sp] = {"phalanx_s": t["phalanx"], "deepspeed_s": t["deepspeed"], "speedup": t["deepspeed"] / t["phalanx"]}
         print(f"sp={sp}: phalanx {t['phalanx'] * 1e3:.2f} ms, DeepSpeed {t['deepspeed'] * 1e3:.2f} ms, "
               f"speedup {per_sp[sp]['speedup']:.3f}", flush=True)
 
     train = {}
     if not args.skip_train:
-        for sp in (1, 2, 4):
-            train[sp] = train_tokens_per_s(sp, seq_per_rank=256, steps=12)
-            print(f"train step, sp={sp}, seq_len={256 * sp}: {train[sp]:,.0f} tokens/s/device", flush=True)
+        seq = args.train_seq_per_rank
+        for sp in args.train_sp:
+            train[sp] = train_tokens_per_s(sp, seq_per_rank=seq, steps=args.train_steps, model=model)
+            print(f"train step, sp={sp}, seq_len={seq * sp}: {train[sp]:,.0f} tokens/s/device", flush=True)
 
     result = {
         "bench": "ulysses",
@@ -129,7 +157,7 @@ def main() -> None:
         "speedup": math.exp(statistics.mean(math.log(v["speedup"]) for v in per_sp.values())),
         "layer": {f"sp{sp}": v for sp, v in per_sp.items()},
         "shape": shape,
-        "train_tokens_per_s_per_device": {f"sp{sp}_seq{256 * sp}": v for sp, v in train.items()},
+        "train_tokens_per_s_per_device": {f"sp{sp}_seq{args.train_seq_per_rank * sp}": v for sp, v in train.items()},
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores), gloo",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),

@@ -1,0 +1,62 @@
+"""Every benchmark script runs: `benchmarks/<name>.py --quick` ends with one JSON line that carries a positive,
+finite `speedup` (its headline ratio against its anchor). Quick figures are not results; this only keeps the
+scripts from rotting as phalanx's API moves."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, loopback_env
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))
+SKIPPED = 77  # a benchmark whose anchor is not installed says why on stderr and exits with this (recovery.py)
+TIMEOUT_S = 240
+# recovery.py with the bench extra starts a Ray cluster per side and waits out a failure on each: minutes.
+TIMEOUTS_S = {"recovery": 420}
+# Keys of the last line that RESULTS.md quotes, beside `speedup`; a new benchmark needs only `speedup`.
+KEYS = {
+    "checkpoint": {"stall_ms", "step_overhead_pct", "encode_gbps", "snapshot_matches_state"},
+    "erasure": {"anchor", "encode_gbps", "decode_gbps", "configs"},
+    "moe": {"one_process", "ep2"},
+    "pipeline": {"bubble", "bubble_max_diff_points", "phalanx_ms", "anchor_ms"},
+    "plan": {"max_abs_error", "within_25pct", "layouts", "recommended_vs_best"},
+    "plan_anchors": {"anchors"},
+    "recovery": {"phalanx_downtime_s", "raytrain_downtime_s", "phalanx", "raytrain"},
+    "trainer_overhead": {"phalanx_step_s", "anchor_step_s"},
+    "ulysses": {"layer", "train_tokens_per_s_per_device"},
+}
+
+
+def test_every_benchmark_is_found():
+    assert len(BENCHMARKS) >= 9, [p.name for p in BENCHMARKS]
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
+def test_benchmark_quick_run_ends_with_its_ratio(script):
+    done = subprocess.run([sys.executable, str(script), "--quick"], cwd=REPO, env=loopback_env(), capture_output=True,
+                          text=True, timeout=TIMEOUTS_S.get(script.stem, TIMEOUT_S))
+    tail = (done.stdout + done.stderr)[-4000:]
+    if done.returncode == SKIPPED:
+        pytest.skip((done.stderr.strip().splitlines() or [f"{script.name}: exit status {SKIPPED}"])[-1])
+    assert done.returncode == 0, f"{script.name} --quick exited with {done.returncode}:\n{tail}"
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"{script.name} --quick printed nothing:\n{tail}"
+    try:
+        result = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        pytest.fail(f"{script.name} --quick: the last stdout line is not JSON: {lines[-1][:500]!r}")
+    assert isinstance(result, dict), f"{script.name}: the last line is not a JSON object: {lines[-1][:500]!r}"
+    missing = ({"speedup"} | KEYS.get(script.stem, set())) - set(result)
+    assert not missing, f"{script.name}: no {sorted(missing)} in the last line's keys {sorted(result)}"
+    speedup = result["speedup"]
+    assert isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0, \
+        f"{script.name}: speedup {speedup!r} is not a positive finite number"
+    if script.stem == "checkpoint":  # not a timing: the snapshot read back from the keeper is the live state
+        assert result["snapshot_matches_state"] is True
