@@ -174,11 +174,13 @@ def test_losing_more_nodes_than_parity_falls_back_to_storage(tmp_path):
     checkpoint is used, and the event says why."""
     nodes = ["checkpoint.simulate_nodes=4", "checkpoint.erasure_k=2", "checkpoint.erasure_m=1"]
     args = ["train", CONFIG, *run_overrides(tmp_path, *BASE, *nodes)]
-    launcher = subprocess.Popen(phalanx_cmd(args, nproc=4), cwd=REPO, env=loopback_env(),
+    # The first persist (a keeper's cold start on 2 busy cores) can take longer than 40 steps: the first launch
+    # trains on until step 5 is in storage, and is lost then.
+    launcher = subprocess.Popen(phalanx_cmd([*args, "train.steps=400"], nproc=4), cwd=REPO, env=loopback_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(tmp_path / "t", 7, launcher)
-        wait_for_persisted(tmp_path / "t", 5, launcher)  # a loaded machine can still be writing it at step 7
+        wait_for_persisted(tmp_path / "t", 5, launcher)
         lost = [keeper_pid(tmp_path / "t", 0), keeper_pid(tmp_path / "t", 1)]
     finally:
         kill_tree(launcher)
@@ -186,7 +188,7 @@ def test_losing_more_nodes_than_parity_falls_back_to_storage(tmp_path):
         sigkill(pid)
     # The newest persisted step: 5 at least; more on a fast machine while step 5 was awaited (persist_every=5).
     newest = max(int(p.parent.name.split("-")[1]) for p in (tmp_path / "t" / "checkpoints").glob("step-*/manifest.json"))
-    relaunch = run_phalanx(args, nproc=4)
+    relaunch = run_phalanx([*args, f"train.steps={newest + 5}"], nproc=4)
     assert relaunch.returncode == 0, relaunch.stderr
     restore = [e for e in events(tmp_path / "t") if e["event"] == "restore"][-1]
     assert restore["restored_from"] == "storage" and restore["step"] == newest and newest % 5 == 0, restore
