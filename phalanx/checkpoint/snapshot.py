@@ -8,8 +8,9 @@ sends this rank's parity contributions to the keepers holding its erasure group'
 agrees with every rank on a gloo group of its own (never the training collectives) that step S is
 complete everywhere: that is the commit. Persistence of a committed step is the keeper's job.
 
-`restore()` finds the newest state in the order local keeper -> peers (another keeper, or erasure
-decode from the group's survivors) -> persistent storage, and says which and why.
+`restore()` gathers what every keeper holds and the newest verified stored step, and follows the plan
+`restore_plan.plan_restore` makes of them: local keeper, peers (another keeper, or an erasure decode
+from the group's survivors), or persistent storage, saying which and why.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from phalanx.checkpoint.flat import FlatLayout, encode_values, flatten_state_dic
 from phalanx.checkpoint.groups import ErasureGroup, erasure_groups
 from phalanx.checkpoint.link import connect_keeper, default_keeper_dir, find_keeper, keeper_host, run_identity
 from phalanx.checkpoint.persistent import CheckpointStore, persist_plan
+from phalanx.checkpoint.restore_plan import RestorePlan, plan_restore
 from phalanx.checkpoint.signing import signing_key
 from phalanx.checkpoint.untrusted import CheckpointRefused
 from phalanx.checkpoint.wire import KeeperClient, WireError
@@ -482,50 +484,35 @@ class SnapshotEngine:
     # ---- restore -------------------------------------------------------------------------
 
     def restore(self, template_fn: StateFn) -> tuple[Optional[dict[str, Any]], Optional[int], dict[str, Any]]:
-        """(state, step, info): the newest usable state, from memory if any, else storage. Collective."""
+        """(state, step, info): the newest usable state, from memory if any, else storage (`restore_plan`).
+        A stored step any rank refuses is reported and the plan made again without it. Collective."""
         if self.layout is None and any(self._all_gather(self.keeper is not None)):
             self._ensure_measured()  # some keeper may hold this run's memory: its blocks need the layout
-        inventory = self._inventory()
-        everyone = self._all_gather(inventory)
-        step, sources = self._newest_in_memory(everyone)
+        everyone = self._all_gather(self._inventory())
         stored = self._broadcast(self.store.newest_valid(self._skipped) if self.ctx.is_main else None)
-        if step is not None and (stored is None or step >= stored):
-            tier, block = self._fetch(step, sources, everyone)
-            state = self.layout.unpack(block, template_fn())
-            tiers = self._all_gather(tier)
-            return state, step, {"tier": _summary(tiers), "tiers": tiers,
-                                 "reason": f"step {step} is complete in keeper memory for all "
-                                           f"{self.ctx.world_size} ranks" +
-                                           (f"; storage's newest is step {stored}" if stored is not None else "")}
-        newest_stored = stored
-        state, stored = self._load_stored(stored, template_fn)
-        if stored is None:
-            self._refuse_if_all_refused()
-            return None, None, {}
-        reason = (f"no step newer than {stored} is complete in the keepers of all ranks ({_held(everyone)})"
-                  if step is None else f"storage step {stored} is newer than memory step {step}")
-        if stored != newest_stored:
-            reason += f"; step {newest_stored} was refused (events.jsonl: checkpoint_skipped)"
-        return state, stored, {"tier": "storage", "reason": reason}
-
-    def _load_stored(self, stored: Optional[int], template_fn: StateFn
-                     ) -> tuple[Optional[dict[str, Any]], Optional[int]]:
-        """The newest stored checkpoint from `stored` down that every rank loads; one that any rank refuses
-        is reported and the next older verified one tried. Collective."""
-        while stored is not None:
+        refused: list[int] = []
+        while True:
+            plan = plan_restore(everyone, self.nodes, self.codec.k if self.codec else None, stored)
+            if plan.tier in ("keeper", "peers"):
+                state = self.layout.unpack(self._fetch(plan, everyone), template_fn())
+                return state, plan.step, {"tier": plan.tier, "tiers": plan.tiers, "reason": plan.reason}
+            if plan.tier == "none":
+                self._refuse_if_all_refused()
+                return None, None, {}
             try:
-                state, problem = self.store.load(stored, template_fn(), self.ctx.rank, self.ctx.world_size,
+                state, problem = self.store.load(plan.step, template_fn(), self.ctx.rank, self.ctx.world_size,
                                                  self.rank_local_keys), None
             except CheckpointRefused as err:
                 state, problem = None, str(err)
             problems = [p for p in self._all_gather(problem) if p]
             if not problems:
-                return state, stored
+                note = f"; refused: step {', '.join(map(str, refused))} (events.jsonl: checkpoint_skipped)"
+                return state, plan.step, {"tier": "storage", "reason": plan.reason + (note if refused else "")}
             if self.ctx.is_main:
-                self._skipped(stored, problems[0])
-            below = stored
-            stored = self._broadcast(self.store.newest_valid(self._skipped, below=below) if self.ctx.is_main else None)
-        return None, None
+                self._skipped(plan.step, problems[0])
+            refused.append(plan.step)
+            stored = self._broadcast(self.store.newest_valid(self._skipped, below=plan.step)
+                                     if self.ctx.is_main else None)
 
     def _refuse_if_all_refused(self) -> None:
         """A run whose storage holds committed checkpoints, none of them usable, does not start over on top of
@@ -557,50 +544,16 @@ class SnapshotEngine:
         parity = [entry for entry in inventory["parity"] if entry["fp"] == self.fingerprint]
         return {"node": self.node, "data": data, "parity": parity}
 
-    def _newest_in_memory(self, everyone: list[dict[str, Any]]) -> tuple[Optional[int], dict]:
-        """The newest step every rank can get, and for each rank where: ("data", node) or ("decode", None)."""
-        holders: dict[tuple[int, int], int] = {}  # (rank, step) -> node holding the block
-        for inv in everyone:
-            for rank, steps in inv["data"].items():
-                for step in steps:
-                    holders.setdefault((rank, step), inv["node"])
-        parity: dict[tuple[int, int], list[tuple[int, dict]]] = {}  # (rank, step) -> [(node, entry)]
-        for inv in everyone:
-            for entry in inv["parity"]:
-                for rank in entry["members"]:
-                    parity.setdefault((rank, entry["step"]), []).append((inv["node"], entry))
-        steps = sorted({s for (_, s) in holders} | {s for (_, s) in parity}, reverse=True)
-        for step in steps:
-            sources = {}
-            for rank in range(self.ctx.world_size):
-                if (rank, step) in holders:
-                    sources[rank] = ("data", holders[(rank, step)])
-                elif self._decodable(rank, step, holders, parity):
-                    sources[rank] = ("decode", None)
-                else:
-                    break
-            else:
-                return step, sources
-        return None, {}
-
-    def _decodable(self, rank: int, step: int, holders: dict, parity: dict) -> bool:
-        entries = parity.get((rank, step), [])
-        if not entries or self.codec is None:
-            return False
-        members = entries[0][1]["members"]
-        have = sum((r, step) in holders for r in members) + (self.codec.k - len(members))
-        have += len({e["j"] for _, e in entries})
-        return have >= self.codec.k
-
-    def _fetch(self, step: int, sources: dict, everyone: list[dict]) -> tuple[str, torch.Tensor]:
-        rank = self.ctx.rank
-        kind, node = sources[rank]
+    def _fetch(self, plan: RestorePlan, everyone: list[dict]) -> torch.Tensor:
+        """This rank's block of the plan's step: a copy of its own slot, a peer's copy, or an erasure decode."""
+        rank, step = self.ctx.rank, plan.step
+        kind, node = plan.sources[rank]
         if kind == "data" and node == self.node:
             mine = next(inv for inv in everyone if inv["node"] == self.node)
-            return "keeper", self.blocks[mine["data"][rank][step]].clone()
+            return self.blocks[mine["data"][rank][step]].clone()
         if kind == "data":
-            return "peers", self._fetch_block(node, rank, step)
-        return "peers (erasure decode)", self._decode(step, everyone, sources)
+            return self._fetch_block(node, rank, step)
+        return self._decode(step, everyone, plan.sources)
 
     def _fetch_block(self, node: int, rank: int, step: int) -> torch.Tensor:
         header, payload = self._peer(node).call("fetch", rank=rank, step=step, limit=self.block_lengths[rank])
@@ -683,20 +636,3 @@ def _padded(block: torch.Tensor, length: int) -> torch.Tensor:
     out = torch.zeros(length, dtype=torch.uint8)
     out[: block.numel()] = block
     return out
-
-
-def _held(everyone: list[dict[str, Any]]) -> str:
-    """What the keepers hold for this run's layout, per rank: 'rank 0: steps 14, 15; rank 1: none'."""
-    steps: dict[int, set[int]] = {}
-    for inv in everyone:
-        for rank, held in inv["data"].items():
-            steps.setdefault(rank, set()).update(held)
-    ranks = sorted(steps.keys() | set(range(len(everyone))))
-    return "; ".join(f"rank {r}: " + (f"steps {', '.join(map(str, sorted(steps[r])))}" if steps.get(r) else "none")
-                     for r in ranks)
-
-
-def _summary(tiers: list[str]) -> str:
-    if all(t == "keeper" for t in tiers):
-        return "keeper"
-    return "peers"
