@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    TensorStorageMetadata)
 
 from phalanx.checkpoint.flat import FlatLayout, _decode, flatten_state_dict, read_skeleton_values, to_dtype
-from phalanx.checkpoint.signing import sign, signature_problem
+from phalanx.checkpoint.signing import mac, sign, signature_problem
 from phalanx.checkpoint.untrusted import (FORMAT, MANIFEST, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_METADATA_BYTES,
                                           CheckpointRefused, check_torch_item, parse_manifest, read_metadata,
                                           reading, safetensors_skeleton)
@@ -120,11 +120,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
         set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
                     torch.load(value, weights_only=True))
-
-
-def _mac(key: bytes, record: dict[str, Any]) -> str:
-    body = json.dumps({k: v for k, v in record.items() if k != "mac"}, sort_keys=True, separators=(",", ":"))
-    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
 
 class CheckpointStore:
@@ -323,7 +318,7 @@ class CheckpointStore:
             files[name] = {"bytes": len(payload), "blake2b": digest.hexdigest()}
         record: dict[str, Any] = {"step": step, "rank": rank, "items": items, "files": files}
         if self.key is not None:  # the coordinator signs what the records say: they must be its keepers'
-            record["mac"] = _mac(self.key, record)
+            record["mac"] = mac(self.key, record, without="mac")
         self.fs.makedirs(self._file(step, ".results"), exist_ok=True)
         self.fs.pipe_file(self._file(step, f".results/rank-{rank}.json"), json.dumps(record).encode())
 
@@ -387,7 +382,8 @@ class CheckpointStore:
             return None
         if not isinstance(record, dict) or record.get("step", step) != step or record.get("rank") != rank:
             return None
-        if self.key is not None and not hmac.compare_digest(str(record.get("mac")), _mac(self.key, record)):
+        expected = mac(self.key, record, without="mac") if self.key is not None else None
+        if expected is not None and not hmac.compare_digest(str(record.get("mac")), expected):
             return None  # planted, or left by a run with another key: the real one overwrites it
         return record
 

@@ -27,14 +27,15 @@ def key_id(key: bytes) -> str:
     return hashlib.blake2b(key, digest_size=6, person=b"phalanx-keyid").hexdigest()
 
 
-def _canonical(manifest: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+def mac(key: bytes, record: dict[str, Any], without: str) -> str:
+    """HMAC-SHA256 of `record`'s canonical JSON, less its own `without` field (where the MAC is kept)."""
+    body = json.dumps({k: v for k, v in record.items() if k != without}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
 
 def sign(manifest: dict[str, Any], key: bytes) -> dict[str, Any]:
-    mac = hmac.new(key, _canonical(manifest), hashlib.sha256).hexdigest()
-    return {**manifest, "signature": {"alg": ALGORITHM, "key_id": key_id(key), "mac": mac}}
+    signature = {"alg": ALGORITHM, "key_id": key_id(key), "mac": mac(key, manifest, without="signature")}
+    return {**manifest, "signature": signature}
 
 
 def signature_problem(manifest: dict[str, Any], key: bytes, run_dir_hint: str = "RUN") -> Optional[str]:
@@ -50,7 +51,6 @@ def signature_problem(manifest: dict[str, Any], key: bytes, run_dir_hint: str = 
         return (f"it was signed with another key (key id {str(signature.get('key_id'))[:16]}, this run's is "
                 f"{key_id(key)}): give this run that run's secret (PHALANX_RUN_SECRET or checkpoint.key_file), "
                 f"or adopt it with {adopt}")
-    expected = hmac.new(key, _canonical(manifest), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature["mac"]):
+    if not hmac.compare_digest(mac(key, manifest, without="signature"), signature["mac"]):
         return "its signature does not verify: the manifest was changed after it was signed (tampered)"
     return None
