@@ -18,7 +18,11 @@ def _no_keeper_outlives_the_tests(tmp_path_factory):
 
     import psutil
 
-    roots = (str(tmp_path_factory.getbasetemp()), tempfile.gettempdir())
+    # Every temporary folder of this session (and of the processes it starts) lies under its base
+    # folder, so ending it stops only its own keepers, never those of another pytest session.
+    roots = str(tmp_path_factory.getbasetemp())
+    scratch = str(tmp_path_factory.mktemp("tmp"))
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch
     started = time.time()
     yield
     for proc in psutil.process_iter(["cmdline", "create_time"]):
