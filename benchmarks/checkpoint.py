@@ -48,8 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from erasure import measure_codecs  # noqa: E402
 
-from phalanx.config import load_config, validate  # noqa: E402
-from phalanx.launch.dist import DistContext  # noqa: E402
+from phalanx.config import load_config  # noqa: E402
+from phalanx.parallel import validate  # noqa: E402
+from phalanx.parallel.dist import DistContext  # noqa: E402
 from phalanx.trainer import Trainer  # noqa: E402
 from phalanx.trainer.rundir import prepare_run_dir  # noqa: E402
 

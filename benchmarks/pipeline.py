@@ -83,7 +83,7 @@ def _bubble_worker(rank: int, world: int, port: int, schedule: str, micro: int, 
     import torch.distributed as dist
 
     from phalanx.parallel.pipeline import StagePlan
-    from phalanx.scheduler.pipeline import PipelineRunner
+    from phalanx.parallel.pipeline_schedule import PipelineRunner
 
     dist.init_process_group("gloo")
     plan = StagePlan(rank, (), rank == 0, rank == world - 1)
@@ -117,9 +117,10 @@ def _speed_worker(rank: int, world: int, port: int, steps: int, out: str) -> Non
     import torch.nn.functional as F
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    from phalanx.config import load_config, validate
-    from phalanx.launch.dist import init_distributed
+    from phalanx.config import load_config
+    from phalanx.launch.run import init_distributed
     from phalanx.models import build_on_meta, materialize
+    from phalanx.parallel import validate
     from phalanx.trainer import Trainer
     from phalanx.trainer.optim import build_optimizer
 
@@ -201,7 +202,7 @@ def main() -> None:
     if parser.parse_known_args()[0].quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args()
-    from phalanx.scheduler.pipeline import theoretical_bubble
+    from phalanx.parallel.pipeline_schedule import theoretical_bubble
 
     result: dict = {"benchmark": "pipeline", "torch": torch.__version__}
     if not args.skip_bubble:

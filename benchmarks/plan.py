@@ -24,11 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phalanx.config import load_config  # noqa: E402
-from phalanx.scheduler.calibrate import calibrate_local  # noqa: E402
-from phalanx.scheduler.layout import Layout  # noqa: E402
-from phalanx.scheduler.measure import measure_layout  # noqa: E402
-from phalanx.scheduler.plan import plan, valid  # noqa: E402
-from phalanx.scheduler.topology import Topology  # noqa: E402
+from phalanx.planner.calibrate import calibrate_local  # noqa: E402
+from phalanx.planner.layout import Layout  # noqa: E402
+from phalanx.planner.measure import measure_layout  # noqa: E402
+from phalanx.planner.plan import plan, valid  # noqa: E402
+from phalanx.planner.topology import Topology  # noqa: E402
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 # configs/tiny.yaml's model (4 blocks, d=128, 4 heads) at 128 tokens, 16 sequences per step
@@ -113,7 +113,7 @@ def main() -> None:
         topo = least_disturbed(topos, cfg.train.micro_batch_size * cfg.data.seq_len *
                                flops_per_token(cfg.model, cfg.data.seq_len))
         if args.topology_out:
-            from phalanx.scheduler.topology import save_topology
+            from phalanx.planner.topology import save_topology
 
             save_topology(topo, f"{args.topology_out}.{world}.json")
         predicted = {c.layout: c for c in plan(cfg, topo, refine=0, layouts=layouts).rows}

@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phalanx.config import load_config  # noqa: E402
-from phalanx.scheduler.cost import step_cost  # noqa: E402
-from phalanx.scheduler.layout import Layout  # noqa: E402
-from phalanx.scheduler.plan import plan  # noqa: E402
-from phalanx.scheduler.topology import preset  # noqa: E402
+from phalanx.planner.cost import step_cost  # noqa: E402
+from phalanx.planner.layout import Layout  # noqa: E402
+from phalanx.planner.plan import plan  # noqa: E402
+from phalanx.planner.topology import preset  # noqa: E402
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 LLAMA3_8B = ["model.vocab_size=128256", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",

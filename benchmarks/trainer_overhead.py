@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from phalanx.config import load_config, validate  # noqa: E402
-from phalanx.launch.dist import DistContext, pick_device  # noqa: E402
+from phalanx.config import load_config  # noqa: E402
 from phalanx.models import build_on_meta, flops_per_token, materialize  # noqa: E402
+from phalanx.parallel import validate  # noqa: E402
+from phalanx.parallel.dist import DistContext, pick_device  # noqa: E402
 from phalanx.trainer import Trainer  # noqa: E402
 from phalanx.trainer.metrics import peak_flops  # noqa: E402
 from phalanx.trainer.optim import build_optimizer, build_schedule  # noqa: E402

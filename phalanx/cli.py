@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from typing import Optional
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -62,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     ckpt_export.add_argument("--out", help="output file (default: RUN/export/step-N.safetensors)")
     ckpt_export.add_argument("--force", action="store_true", help="replace an existing output file")
 
-    from phalanx.scheduler.plan import add_plan_arguments
+    from phalanx.planner.plan import add_plan_arguments
 
     add_plan_arguments(sub.add_parser("plan", help="rank every parallel layout of a config on a cluster; "
                                                    "recommend one and its rank order"))
@@ -70,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from phalanx.config import load_config, to_yaml, validate
-    from phalanx.launch.dist import env_world
+    from phalanx.config import load_config, to_yaml
+    from phalanx.launch.run import run_rank
+    from phalanx.parallel import validate
+    from phalanx.parallel.dist import env_world
 
     cfg = load_config(args.config, args.overrides)
     rank, world, _ = env_world()
@@ -80,50 +81,7 @@ def _train(args: argparse.Namespace) -> int:
         if rank == 0:
             print(to_yaml(cfg), end="")
         return 0
-
-    from phalanx.launch.dist import init_distributed, shutdown
-
-    ctx = init_distributed(cfg)
-    try:
-        _fit(cfg, ctx)
-    except BaseException as err:
-        # A failed rank lets its process groups go before it returns. Gloo closes a group's sockets only
-        # once nothing holds the group, and the traceback's frames hold the trainer (its DDP/FSDP wrappers,
-        # pipeline stages). Left open, they keep every rank that is not next to the dead one waiting out
-        # fault.collective_timeout_s; closed, each rank's failure reaches its neighbours in milliseconds.
-        traceback.clear_frames(err.__traceback__)
-        ctx.mesh = None
-        shutdown()
-        raise
-    shutdown()
-    return 0
-
-
-def _fit(cfg, ctx) -> None:
-    import torch.distributed
-
-    from phalanx.launch.dist import broadcast_object
-    from phalanx.trainer import Trainer
-    from phalanx.trainer.rundir import prepare_run_dir
-
-    # Rank 0 decides the folder (fresh or resumed) once; the others follow, or raise its error.
-    outcome = None
-    if ctx.is_main:
-        try:
-            outcome = prepare_run_dir(cfg)
-        except PhalanxError as err:
-            outcome = err
-    outcome = broadcast_object(outcome, ctx)
-    if isinstance(outcome, PhalanxError):
-        raise outcome
-    run_dir, messages = outcome
-    cfg.run.name = run_dir.rstrip("/").rsplit("/", 1)[-1]
-    if ctx.is_main:
-        for message in messages:
-            print(message, flush=True)
-    Trainer(cfg, ctx, run_dir).fit()
-    if ctx.distributed:
-        torch.distributed.barrier()  # no rank tears the process group down while a peer still uses it
+    return run_rank(cfg)
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -165,7 +123,7 @@ def _ckpt(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from phalanx.scheduler.plan import plan_command
+    from phalanx.planner.plan import plan_command
 
     return plan_command(args)
 
@@ -184,14 +142,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except PhalanxError as err:
         if args.debug:
             raise
-        from phalanx.launch.dist import env_world
+        from phalanx.launch.run import report_error
 
-        rank, world, _ = env_world()
-        # A config error is the same on every rank: say it once.
-        if rank == 0 or not isinstance(err, ConfigError):
-            prefix = f"[rank {rank}] " if world > 1 and not isinstance(err, ConfigError) else ""
-            print(f"phalanx: error: {prefix}{err}", file=sys.stderr)
-        return err.exit_code
+        return report_error(err)
 
 
 if __name__ == "__main__":

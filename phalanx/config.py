@@ -1,8 +1,9 @@
 """Configuration: OmegaConf structured dataclasses, YAML files plus dotlist overrides.
 
 `load_config(path, overrides)` merges a YAML file and `section.key=value` overrides onto the
-schema below in struct mode; `validate(cfg, world_size)` checks every value and cross-field
-rule and raises `ConfigError` with a one-line message that quotes the values and the fix.
+schema below in struct mode; `validate_fields(cfg, world_size, model_kinds)` checks every value and
+cross-field rule and raises `ConfigError` with a one-line message that quotes the values and the fix
+(`phalanx.parallel.validate` is the whole check: these, the model kind and the parallel strategies).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from phalanx.errors import ConfigError
+from phalanx.faults import parse_injection
 
 
 @dataclass
@@ -113,7 +115,7 @@ class ParallelConfig:
     pp_virtual_stages: int = 2  # model chunks per rank under pp_schedule=interleaved
     pp_split: Optional[list[int]] = None  # blocks per stage (pp, or pp * pp_virtual_stages entries); None: balanced
     microbatches: Any = "auto"  # pipeline micro-batches per schedule run; auto: all of a rank's micro-batches
-    comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/parallel/comm.py)
+    comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/telemetry/comm.py)
     order: str = "pp,dp,sp"  # rank order, outermost first (ranks numbered node by node); auto: `phalanx plan`'s placement
 
 
@@ -328,16 +330,15 @@ def _validate_moe(moe: MoEConfig, n_layers: int) -> None:
     _one_of("model.moe.kernel", moe.kernel, ("auto", "grouped_mm", "loop"))
 
 
-def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
-    """Check every field and cross-field rule; resolve `parallel.dp`. Raises ConfigError."""
-    from phalanx.models import MODEL_KINDS  # the registry; no torch work happens here
-
+def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str, ...]) -> int:
+    """Check every field and cross-field rule that needs no registry; returns the resolved `parallel.dp`.
+    Raises ConfigError. `phalanx.parallel.validate` adds the model and strategy registries' checks."""
     r, m, d, o, t, p = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel
     if not r.name or "/" in r.name or r.name in (".", ".."):
         raise ConfigError(f"run.name={r.name!r} must be a plain directory name such as 'tiny'")
     _one_of("run.device", r.device, ("auto", "cpu", "cuda"))
 
-    _one_of("model.kind", m.kind, tuple(sorted(MODEL_KINDS)))
+    _one_of("model.kind", m.kind, tuple(sorted(model_kinds)))
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
         _positive(f"model.{key}", getattr(m, key))
     if m.d_model % m.n_heads:
@@ -441,16 +442,9 @@ def validate(cfg: PhalanxConfig, world_size: int = 1) -> PhalanxConfig:
     if cfg.fault.straggler_factor <= 1:
         raise ConfigError(f"fault.straggler_factor={cfg.fault.straggler_factor} must be > 1 (how many times the "
                           f"median busy time makes a straggler), e.g. 2.0")
-    from phalanx.launch.faults import parse_injection
-
     for spec in cfg.fault.inject:
         parse_injection(spec)
     _positive("log.every", cfg.log.every)
     _one_of("log.progress", cfg.log.progress, ("auto", "bar", "lines", "none"))
     _one_of("log.wandb", cfg.log.wandb, ("disabled", "offline", "online"))
-
-    from phalanx.parallel import validate_layout
-
-    validate_layout(cfg, world_size, dp)
-    cfg.parallel.dp = dp
-    return cfg
+    return dp

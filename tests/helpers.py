@@ -28,8 +28,9 @@ def assert_refused(overrides: list[str], words: list[str], world: int = 1) -> No
     """`validate()` of configs/tiny.yaml with `overrides` at `world` ranks raises a ConfigError naming every word."""
     import pytest
 
-    from phalanx.config import load_config, validate
+    from phalanx.config import load_config
     from phalanx.errors import ConfigError
+    from phalanx.parallel import validate
 
     with pytest.raises(ConfigError) as err:
         validate(load_config(CONFIG, overrides), world_size=world)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from phalanx.cli import main
-from phalanx.config import load_config, validate
+from phalanx.config import load_config
 from phalanx.errors import ConfigError
+from phalanx.parallel import validate
 from tests.helpers import CONFIG, REPO, run_phalanx
 
 

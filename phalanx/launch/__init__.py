@@ -1,1 +1,2 @@
-"""Process start: one process, or each rank under torchrun (`dist.py`); clean stop on signals (`signals.py`)."""
+"""Starting runs: one rank (`run.py`, for the CLI and Ray workers), the Ray controller and its actors, and the
+watchdog that names a hung or straggling rank."""

@@ -56,33 +56,39 @@ class TrainWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        """A port free on this node's Ray address, the one rank 0's store will listen on (`dist.py`);
+        """A port free on this node's Ray address, the one rank 0's store will listen on (`parallel/dist.py`);
         probed there only, so a loopback cluster never binds another interface, even briefly."""
-        from phalanx.launch.dist import bound_socket
+        from phalanx.parallel.dist import bound_socket
 
         with bound_socket(ray.util.get_node_ip_address(), 0) as s:
             return s.getsockname()[1]
 
-    def run(self, argv: list[str], env: dict[str, str]) -> int:
-        """One rank of `phalanx train`; returns its exit code."""
+    def run(self, config_path: str, overrides: list[str], env: dict[str, str]) -> int:
+        """One rank of `phalanx train CONFIG OVERRIDES`; returns its exit code (a user error: printed, like the CLI)."""
         os.environ.update(env)
-        from phalanx.launch import health
+        from phalanx.errors import PhalanxError
+        from phalanx.telemetry import health
 
         health.HEALTH = health.Health(enabled=True)  # a reused worker starts counting afresh
-        from phalanx.cli import main
+        from phalanx.config import load_config
+        from phalanx.launch.run import report_error, run_rank
+        from phalanx.parallel import validate
+        from phalanx.parallel.dist import env_world
 
-        return main(argv)
+        try:
+            return run_rank(validate(load_config(config_path, overrides), env_world()[1]))
+        except PhalanxError as err:
+            return report_error(err)
 
     def warm(self, env: dict[str, str]) -> None:
         """A spare's imports, done before it replaces a failed rank (`standby.py`), with `run`'s environment."""
         os.environ.update(env)
-        import phalanx.cli  # noqa: F401  (torch)
-        import phalanx.launch.dist  # noqa: F401
+        import phalanx.launch.run  # noqa: F401  (torch)
         import phalanx.trainer  # noqa: F401
         import phalanx.trainer.rundir  # noqa: F401
 
     def heartbeat(self) -> dict[str, Any]:
-        from phalanx.launch import health
+        from phalanx.telemetry import health
 
         return health.HEALTH.snapshot()
 

@@ -2,7 +2,7 @@
 
 Per attempt: a placement group of one bundle per worker, a keeper actor on each node it spans, one
 `TrainWorker` per bundle running a rank of `phalanx train` (rendezvous at rank 0's node). Every
-`fault.heartbeat_s` the controller asks each worker where it is (`health.py`) and checks the nodes.
+`fault.heartbeat_s` the controller asks each worker where it is (`telemetry/health.py`) and checks the nodes.
 It detects (a) a dead worker, (b) a lost node (its keeper gone), (c) a hang — a collective older than
 `fault.collective_timeout_s`, naming the ranks that never entered it — and (d) stragglers (a warning).
 On a failure it stops every worker, starts replacements (the placement group is made again, so a lost
@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from phalanx.errors import PhalanxError
 from phalanx.events import append_event, read_events
-from phalanx.launch.faults import fired, parse_injection
+from phalanx.faults import fired, parse_injection
 from phalanx.launch.standby import Standby
 from phalanx.launch.timeline import timeline
 from phalanx.launch.watchdog import find_hang, find_stragglers
@@ -123,8 +123,8 @@ class Controller:
         workers = self.standby.fill(workers, pg, node_ids)
         master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
         port = ray.get(workers[0].free_port.remote(), timeout=60)
-        argv = ["train", self.config_path, *self.overrides, f"run.name={os.path.basename(self.run_dir)}",
-                f"run.dir={os.path.dirname(self.run_dir)}", "run.resume=true"]
+        overrides = [*self.overrides, f"run.name={os.path.basename(self.run_dir)}",
+                     f"run.dir={os.path.dirname(self.run_dir)}", "run.resume=true"]
         futures = []
         for rank, worker in enumerate(workers):
             local = ray_nodes[:rank].count(ray_nodes[rank])
@@ -135,7 +135,7 @@ class Controller:
             for name in ("GLOO_SOCKET_IFNAME", "PHALANX_RUN_SECRET"):  # the secret: rank 0 must read the keepers'
                 if name in os.environ:
                     env[name] = os.environ[name]
-            futures.append(worker.run.remote(argv, env))
+            futures.append(worker.run.remote(self.config_path, overrides, env))
         append_event(self.run_dir, "workers", attempt=attempt, nodes=nodes, node_ids=node_ids)
         print(f"phalanx ray: attempt {attempt}: {self.workers} workers on nodes {nodes}", flush=True)
         return workers, nodes, futures
@@ -476,7 +476,8 @@ def connect(address: Optional[str], workers: int = 1) -> None:
 
 
 def main(config_path: str, overrides: list[str], workers: int, address: Optional[str]) -> int:
-    from phalanx.config import load_config, validate
+    from phalanx.config import load_config
+    from phalanx.parallel import validate
     from phalanx.trainer.rundir import prepare_run_dir
 
     cfg = validate(load_config(config_path, overrides), workers)

@@ -13,6 +13,18 @@ from phalanx.parallel.registry import available, get, register
 _KIND_OF_DIM = {"sp": ("sequence", "sp_backend"), "ep": ("expert", "ep_backend"), "pp": ("pipeline", "pp_schedule")}
 
 
+def validate(cfg: Any, world_size: int = 1) -> Any:
+    """Check every field and cross-field rule of `cfg`, its model kind and a strategy for each parallel
+    degree; resolve `parallel.dp`. Raises ConfigError before any process group exists."""
+    from phalanx.config import validate_fields
+    from phalanx.models import MODEL_KINDS  # the registry; no torch work happens here
+
+    dp = validate_fields(cfg, world_size, tuple(MODEL_KINDS))
+    validate_layout(cfg, world_size, dp)
+    cfg.parallel.dp = dp
+    return cfg
+
+
 def validate_layout(cfg: Any, world_size: int, dp: int) -> ParallelDims:
     """Check the degrees and that a strategy exists for every degree above one, before any process group."""
     p = cfg.parallel
@@ -30,4 +42,4 @@ def validate_layout(cfg: Any, world_size: int, dp: int) -> ParallelDims:
     return dims
 
 
-__all__ = ["ParallelDims", "validate_layout", "register", "get", "available"]
+__all__ = ["ParallelDims", "validate", "validate_layout", "register", "get", "available"]

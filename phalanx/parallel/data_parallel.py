@@ -19,10 +19,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from phalanx.launch import health
-from phalanx.parallel import comm
 from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.registry import register
+from phalanx.telemetry import comm, health
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 # find_unused_parameters is set for its fixed bucket layout (see DDPStrategy), not for unused parameters.

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phalanx.errors import ConfigError
-from phalanx.parallel import comm
+from phalanx.telemetry import comm
 from phalanx.parallel.expert_comm import A2ACounter, AllToAllRows, exchange_counts
 from phalanx.parallel.mesh import EXPERT_DATA_DIM, EXPERT_DIM, ParallelDims
 from phalanx.parallel.registry import register

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from phalanx.parallel import comm
 from phalanx.parallel.mesh import EXPERT_DIM
+from phalanx.telemetry import comm
 
 
 @dataclass

@@ -4,7 +4,7 @@ Mesh dimensions are always (pp, dp, sp). Which of them varies fastest over the g
 `order` (outermost first), by default pp, dp, sp: with ranks numbered node by node the
 sequence-parallel group (the heaviest all-to-all traffic) stays inside a node, then data
 parallel, then pipeline stages span nodes. `parallel.order: auto` lets the planner choose
-(`phalanx/scheduler/placement.py`), e.g. dp innermost when FSDP's all-gathers outweigh sp.
+(`phalanx/planner/placement.py`), e.g. dp innermost when FSDP's all-gathers outweigh sp.
 """
 
 from __future__ import annotations

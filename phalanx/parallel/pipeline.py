@@ -9,7 +9,7 @@ expects). The split balances parameters (embedding and head counted with their s
 A rank keeps one GPT holding only its own blocks (so parameter names, and checkpoint keys, are
 those of the whole model) and one `StageModule` per stage it runs: a view over that GPT's
 modules, which is what data parallelism wraps and `torch.distributed.pipelining` executes.
-When the schedules run is `phalanx/scheduler/pipeline.py`.
+The schedules that run the stages every step are in `pipeline_schedule.py`.
 """
 
 from __future__ import annotations

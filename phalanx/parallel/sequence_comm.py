@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from phalanx.parallel import comm
+from phalanx.telemetry import comm
 
 
 def _exchange(parts: Sequence[torch.Tensor], group: dist.ProcessGroup, sp: int) -> list[torch.Tensor]:

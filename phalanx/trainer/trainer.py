@@ -28,22 +28,22 @@ from phalanx.checkpoint.snapshot import SnapshotEngine
 from phalanx.checkpoint.snapshot import checkpoint_group as snapshot_group
 from phalanx.config import PhalanxConfig
 from phalanx.data import DataPosition, build_dataset
-from phalanx.launch import health
-from phalanx.launch.dist import DistContext, broadcast_object
-from phalanx.launch.faults import FaultInjector
-from phalanx.launch.signals import StopRequest
+from phalanx.events import append_event
+from phalanx.faults import FaultInjector
 from phalanx.models import build_on_meta, flops_per_token, materialize
-from phalanx.parallel import comm, registry
+from phalanx.parallel import registry
+from phalanx.parallel.dist import DistContext, broadcast_object
 from phalanx.parallel.expert import moe_layers, moe_metrics
 from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.pipeline import num_stages, pipeline_microbatches
+from phalanx.telemetry import comm, health
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.optim import build_optimizer, build_schedule
-from phalanx.events import append_event
+from phalanx.trainer.signals import StopRequest
 from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker
 
 if TYPE_CHECKING:
-    from phalanx.scheduler.pipeline import PipelineRunner
+    from phalanx.parallel.pipeline_schedule import PipelineRunner
 
 Hook = Callable[["Trainer", dict], None]
 
@@ -107,7 +107,7 @@ class Trainer:
         self.pipeline: Optional["PipelineRunner"] = None
         if plans is not None:
             # only here: torch.distributed.pipelining imports torch._dynamo, 0.5 s of every rank's start
-            from phalanx.scheduler.pipeline import PipelineRunner
+            from phalanx.parallel.pipeline_schedule import PipelineRunner
 
             self.pipeline = PipelineRunner(stages, plans, num_stages(cfg.parallel), cfg.parallel.pp_schedule,
                                            pipeline_microbatches(cfg, cfg.parallel.dp), ctx.mesh["pp"].get_group(),
@@ -433,7 +433,7 @@ class Trainer:
         every = comm.all_gather(mine, self.ctx.mesh["pp"].get_group(), "pp")  # (pp, 2), in rank order
         busy_s, idle_s = every[:, 0].tolist(), every[:, 1].tolist()
         p = self.cfg.parallel
-        from phalanx.scheduler.pipeline import theoretical_bubble
+        from phalanx.parallel.pipeline_schedule import theoretical_bubble
 
         return {
             "pp_bubble": sum(i / (b + i) if b + i > 0 else 0.0 for b, i in zip(busy_s, idle_s)) / len(busy_s),

@@ -17,7 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from phalanx.checkpoint.persistent import CheckpointStore
-from phalanx.config import load_config, validate
+from phalanx.config import load_config
+from phalanx.parallel import validate
 from phalanx.models import build_on_meta, materialize
 from tests.checkpoint.test_recovery import keeper_pid
 from tests.trainer.test_trainer import make_trainer

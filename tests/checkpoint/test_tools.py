@@ -10,9 +10,10 @@ import torch
 
 from phalanx.checkpoint import tools
 from phalanx.cli import main
-from phalanx.config import load_config, validate
+from phalanx.config import load_config
 from phalanx.errors import PhalanxError
-from phalanx.launch.dist import DistContext
+from phalanx.parallel import validate
+from phalanx.parallel.dist import DistContext
 from phalanx.trainer import Trainer
 from phalanx.trainer.rundir import prepare_run_dir
 from tests.helpers import CONFIG, run_overrides

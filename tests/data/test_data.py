@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from phalanx.cli import main
-from phalanx.config import load_config, validate
+from phalanx.config import load_config
 from phalanx.data import DataPosition, MemmapTokens, SyntheticTokens, build_dataset
 from phalanx.data.prepare import prepare_bytes
 from phalanx.errors import ConfigError, PhalanxError
+from phalanx.parallel import validate
 
 
 def test_synthetic_sample_depends_only_on_seed_and_index():

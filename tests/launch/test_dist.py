@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from phalanx.errors import ConfigError
-from phalanx.launch.dist import rendezvous_store
+from phalanx.parallel.dist import rendezvous_store
 from tests.helpers import free_port
 
 TIMEOUT = datetime.timedelta(seconds=10)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from phalanx.errors import ConfigError
-from phalanx.launch.faults import parse_injection
+from phalanx.faults import parse_injection
 from phalanx.launch.watchdog import find_hang, find_stragglers
 
 

@@ -17,10 +17,12 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from phalanx.config import load_config, validate
-from phalanx.launch.dist import init_distributed, shutdown
-from phalanx.parallel import comm
+from phalanx.config import load_config
+from phalanx.launch.run import init_distributed
+from phalanx.parallel import validate
+from phalanx.parallel.dist import shutdown
 from phalanx.parallel.expert import moe_metrics
+from phalanx.telemetry import comm
 from phalanx.trainer import Trainer
 from tests.helpers import CONFIG, TINY, free_port
 

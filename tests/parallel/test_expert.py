@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from phalanx.config import load_config, validate
-from phalanx.launch.dist import init_distributed, shutdown
+from phalanx.config import load_config
+from phalanx.launch.run import init_distributed
+from phalanx.parallel import validate
+from phalanx.parallel.dist import shutdown
 from phalanx.trainer import Trainer
 from tests.helpers import CONFIG, TINY, assert_refused
 from tests.parallel.harness import assert_same_step, fresh_seed, reference_one_step, spawn, spawn_one_step

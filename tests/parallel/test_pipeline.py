@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from phalanx.config import load_config, validate
+from phalanx.config import load_config
 from phalanx.models import build_on_meta
+from phalanx.parallel import validate
 from phalanx.parallel.pipeline import balanced_split, plan_stages
 from tests.helpers import CONFIG, assert_refused
 from tests.parallel.harness import assert_same_step, fresh_seed, reference_one_step, spawn_one_step

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from phalanx.config import load_config, validate
+from phalanx.config import load_config
+from phalanx.parallel import validate
 from phalanx.parallel.sequence import kv_repeat
 from tests.helpers import CONFIG, assert_refused
 from tests.parallel.harness import assert_same_step, fresh_seed, reference_one_step, spawn_one_step

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from phalanx.config import OptimConfig, load_config, validate
+from phalanx.config import OptimConfig, load_config
+from phalanx.parallel import validate
 from phalanx.errors import ConfigError
-from phalanx.launch.dist import DistContext
+from phalanx.parallel.dist import DistContext
 from phalanx.trainer import Trainer
 from phalanx.trainer.optim import lr_factor
 from phalanx.trainer.rundir import prepare_run_dir

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from phalanx.errors import ConfigError
-from phalanx.scheduler.cost import StepCost, step_cost
-from phalanx.scheduler.layout import Layout
-from phalanx.scheduler.placement import LOGICAL, best_order
-from phalanx.scheduler.topology import Topology
+from phalanx.planner.cost import StepCost, step_cost
+from phalanx.planner.layout import Layout
+from phalanx.planner.placement import LOGICAL, best_order
+from phalanx.planner.topology import Topology
 
 
 def _divisors(n: int) -> list[int]:
@@ -53,7 +53,7 @@ def candidate_layouts(cfg: Any, world: int) -> Iterator[Layout]:
 
 
 def valid(cfg: Any, layout: Layout) -> bool:
-    from phalanx.config import validate
+    from phalanx.parallel import validate
 
     trial = layout.apply(cfg)
     trial.data.kind, trial.data.path = "synthetic", None  # the plan needs no data file
@@ -195,7 +195,7 @@ def plan_command(args: Any) -> int:
     import time
 
     from phalanx.config import load_config
-    from phalanx.scheduler.topology import load_topology, preset, save_topology
+    from phalanx.planner.topology import load_topology, preset, save_topology
 
     start = time.perf_counter()
     _positive_arg("--nodes", args.nodes)
@@ -230,7 +230,7 @@ def plan_command(args: Any) -> int:
 def _calibrate(cfg: Any, args: Any) -> Topology:
     import os
 
-    from phalanx.scheduler.calibrate import calibrate_local, calibrate_rank
+    from phalanx.planner.calibrate import calibrate_local, calibrate_rank
 
     device = args.device or "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank measures, across nodes too

@@ -7,15 +7,16 @@ import time
 
 import pytest
 
-from phalanx.config import load_config, validate
+from phalanx.config import load_config
 from phalanx.errors import ConfigError
+from phalanx.parallel import validate
 from phalanx.parallel.mesh import ParallelDims
-from phalanx.scheduler.cost import memory, step_cost
-from phalanx.scheduler.layout import Layout
-from phalanx.scheduler.placement import LOGICAL, best_order, comm_times, group_ranks, mesh_order, rank_grid
-from phalanx.scheduler.plan import plan
-from phalanx.scheduler.topology import preset
-from phalanx.scheduler.traffic import traffic_table
+from phalanx.planner.cost import memory, step_cost
+from phalanx.planner.layout import Layout
+from phalanx.planner.placement import LOGICAL, best_order, comm_times, group_ranks, mesh_order, rank_grid
+from phalanx.planner.plan import plan
+from phalanx.planner.topology import preset
+from phalanx.planner.traffic import traffic_table
 from tests.helpers import CONFIG, TINY, run_phalanx
 
 LLAMA_8B = ["model.vocab_size=128256", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",

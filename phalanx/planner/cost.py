@@ -22,12 +22,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from phalanx.scheduler.contention import pipeline_time, slowdown
-from phalanx.scheduler.layout import Layout
-from phalanx.scheduler.placement import LOGICAL, comm_times, critical_ranks
-from phalanx.scheduler.shapes import ModelShapes, model_shapes
-from phalanx.scheduler.topology import Topology
-from phalanx.scheduler.traffic import _data_parallel_shapes, _padded, rank_stages, step_traffic
+from phalanx.planner.contention import pipeline_time, slowdown
+from phalanx.planner.layout import Layout
+from phalanx.planner.placement import LOGICAL, comm_times, critical_ranks
+from phalanx.planner.shapes import ModelShapes, model_shapes
+from phalanx.planner.topology import Topology
+from phalanx.planner.traffic import _data_parallel_shapes, _padded, rank_stages, step_traffic
 
 OPTIMIZER_TOUCH = 32  # bytes AdamW reads and writes per fp32 parameter: p, g, m, v in; p, m, v out; + the norm
 OVERLAPPED = ("dp_sp", "edp")  # gradient / parameter traffic the back ends overlap with compute
@@ -213,7 +213,7 @@ def step_cost(cfg: Any, layout: Layout, topo: Topology, order: Optional[tuple[st
     bubble = 0.0
     compute_s = busy
     if layout.pp > 1:
-        from phalanx.scheduler.pipeline import theoretical_bubble
+        from phalanx.parallel.pipeline_schedule import theoretical_bubble
 
         m = layout.pipeline_microbatches(cfg.train.batch_size)
         bubble = theoretical_bubble(layout.pp, m, layout.virtual)

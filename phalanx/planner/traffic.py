@@ -1,6 +1,6 @@
 """Bytes per collective kind and mesh dimension that one optimizer step sends, per rank, from shapes.
 
-Keys and the byte convention are those of `phalanx/parallel/comm.py` ("kind/dim"; each call's input
+Keys and the byte convention are those of `phalanx/telemetry/comm.py` ("kind/dim"; each call's input
 buffer), so a prediction can be compared with a measurement key by key. Each rule below restates
 what a strategy does, with the file that does it:
 
@@ -19,7 +19,7 @@ what a strategy does, with the file that does it:
     (and an all-gather of (B, k, E) int64 slot counts under a capacity); with ep, an all-to-all of E
     int64 counts and four of routed rows (B * T/sp * k rows of d fp32 when dropless), and an all-reduce
     over edp of each local expert weight's gradient per step.
-  * pp (`scheduler/pipeline.py`): each stage sends its output activation (B, T/sp, d) fp32 per
+  * pp (`parallel/pipeline_schedule.py`): each stage sends its output activation (B, T/sp, d) fp32 per
     micro-batch unless last, and its input gradient unless first; one 4-byte all-reduce over pp
     (the global gradient norm).
   * zero (DeepSpeed) does not go through comm.py: `zero_traffic` models it, unmeasured.
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
-from phalanx.scheduler.layout import Layout
-from phalanx.scheduler.shapes import ModelShapes, Shape, model_shapes
+from phalanx.planner.layout import Layout
+from phalanx.planner.shapes import ModelShapes, Shape, model_shapes
 
 
 @dataclass

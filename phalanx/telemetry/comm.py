@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from phalanx.launch import health
+from phalanx.telemetry import health
 
 
 @dataclass

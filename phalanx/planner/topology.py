@@ -3,7 +3,7 @@
 Presets hold datasheet numbers (peak dense FLOP/s, memory, NVLink / NIC bandwidth) and an achieved
 share of them that published runs reach (MFU around 40% for dense bf16 training; NCCL bus bandwidth
 around 80% of the link). `phalanx plan --calibrate` replaces the guesses by measurements of this
-machine (`phalanx/scheduler/calibrate.py`) and saves them as JSON for later plans.
+machine (`phalanx/planner/calibrate.py`) and saves them as JSON for later plans.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import itertools
 import math
 from typing import Any, Optional
 
-from phalanx.scheduler.topology import Topology
+from phalanx.planner.topology import Topology
 
 LOGICAL = ("pp", "dp", "sp")  # the mesh's dimension order (phalanx.parallel.mesh.MESH_ORDER)
 
@@ -82,7 +82,7 @@ def critical_ranks(layout: Any) -> list[int]:
 def comm_times(cfg: Any, layout: Any, topo: Topology, order: tuple[str, ...],
                traffic: Optional[dict] = None) -> dict[str, float]:
     """Seconds per step per "kind/dim" on the most loaded pipeline rank, for a rank order."""
-    from phalanx.scheduler.traffic import step_traffic
+    from phalanx.planner.traffic import step_traffic
 
     shape = {"pp": layout.pp, "dp": layout.dp, "sp": layout.sp}
     spans = {}
@@ -102,7 +102,7 @@ def comm_times(cfg: Any, layout: Any, topo: Topology, order: tuple[str, ...],
 
 def best_order(cfg: Any, layout: Any, topo: Topology) -> tuple[str, ...]:
     """The rank order (outermost first) with the least communication time; ties keep phalanx's default."""
-    from phalanx.scheduler.traffic import step_traffic
+    from phalanx.planner.traffic import step_traffic
 
     traffic = {r: step_traffic(cfg, layout, r) for r in critical_ranks(layout)}
     best, best_t = LOGICAL, sum(comm_times(cfg, layout, topo, LOGICAL, traffic).values())
@@ -132,8 +132,8 @@ def mesh_order(cfg: Any, world_size: int, gpus_per_node: int) -> tuple[str, ...]
     order = parse_order(cfg.parallel.order)
     if order is not None:
         return order
-    from phalanx.scheduler.layout import Layout
-    from phalanx.scheduler.topology import preset
+    from phalanx.planner.layout import Layout
+    from phalanx.planner.topology import preset
 
     gpus = max(1, min(gpus_per_node, world_size))
     if world_size % gpus or world_size == gpus:

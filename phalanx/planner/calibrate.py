@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from phalanx.scheduler.topology import Link, Topology, preset
+from phalanx.planner.topology import Link, Topology, preset
 
 SIZES = (4 << 10, 64 << 10, 512 << 10, 4 << 20)  # bytes per collective buffer
 REPEATS = 8
@@ -184,8 +184,8 @@ def measure_fsdp(cfg: Any, link: Link, copy: Link, units: int = 4, layers: int =
     from torch.distributed.fsdp import fully_shard
 
     from phalanx.parallel.data_parallel import clip_grad_norm
-    from phalanx.scheduler.placement import collective_time
-    from phalanx.scheduler.topology import Topology
+    from phalanx.planner.placement import collective_time
+    from phalanx.planner.topology import Topology
     from phalanx.trainer.optim import build_optimizer
 
     n = dist.get_world_size()
@@ -350,7 +350,7 @@ def _worker(rank: int, world: int, port: int, cfg: Any, device: str, out: str, t
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(threads)
-    from phalanx.launch.dist import rendezvous_store
+    from phalanx.parallel.dist import rendezvous_store
 
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             store=rendezvous_store(rank, world, datetime.timedelta(seconds=300)))
@@ -371,7 +371,7 @@ def calibrate_local(cfg: Any, gpus_per_node: int, device: str = "cpu", threads: 
 
     import torch.multiprocessing as mp
 
-    from phalanx.scheduler.measure import free_port
+    from phalanx.planner.measure import free_port
 
     if gpus_per_node == 1:
         torch.set_num_threads(threads)

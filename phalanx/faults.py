@@ -95,7 +95,7 @@ class FaultInjector:
         if injection.kind in ("kill", "kill_restoring"):
             os.kill(os.getpid(), signal.SIGKILL)
         elif injection.kind == "hang":
-            from phalanx.launch import health
+            from phalanx.telemetry import health
 
             if health.HEALTH.enabled:
                 health.HEALTH.hang_at_next = True

@@ -1,8 +1,8 @@
 """What a layout really does on this machine: collective bytes, state memory and step time per rank.
 
-The planner's predictions are checked against these numbers (tests/scheduler, benchmarks/plan.py).
+The planner's predictions are checked against these numbers (tests/planner, benchmarks/plan.py).
 `measure_layout` runs the real Trainer in `world` local gloo processes on loopback, so everything
-measured is what `phalanx train` would do: bytes come from `phalanx/parallel/comm.py`, memory from
+measured is what `phalanx train` would do: bytes come from `phalanx/telemetry/comm.py`, memory from
 the tensors each rank holds, time from the trainer's own step.
 """
 
@@ -41,14 +41,16 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 
 def _rank_measure(overrides: list[str], world: int, run_dir: str, steps: int, config: str) -> dict:
-    from phalanx.config import load_config, validate
-    from phalanx.launch.dist import init_distributed, shutdown
-    from phalanx.parallel import comm
+    from phalanx.config import load_config
+    from phalanx.parallel import validate
+    from phalanx.parallel.dist import shutdown, start_process_groups
+    from phalanx.planner.placement import mesh_order
+    from phalanx.telemetry import comm
     from phalanx.trainer import Trainer
 
     cfg = validate(load_config(config, [*overrides, "parallel.comm_stats=true", f"run.dir={run_dir}",
                                         "run.resume=false"]), world)
-    ctx = init_distributed(cfg)
+    ctx = start_process_groups(cfg, lambda world_size, per_node: mesh_order(cfg, world_size, per_node))
     try:
         trainer = Trainer(cfg, ctx, run_dir)
         trainer.train_step(trainer.data.next_step())  # warm-up: lazy state, pipeline shape inference

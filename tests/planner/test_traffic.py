@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from phalanx.config import load_config, validate
-from phalanx.scheduler.cost import state_memory
-from phalanx.scheduler.layout import Layout
-from phalanx.scheduler.measure import measure_layout
-from phalanx.scheduler.placement import rank_grid
-from phalanx.scheduler.traffic import step_traffic
+from phalanx.config import load_config
+from phalanx.parallel import validate
+from phalanx.planner.cost import state_memory
+from phalanx.planner.layout import Layout
+from phalanx.planner.measure import measure_layout
+from phalanx.planner.placement import rank_grid
+from phalanx.planner.traffic import step_traffic
 from tests.helpers import CONFIG, TINY
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_dim=32"]

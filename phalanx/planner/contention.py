@@ -3,7 +3,7 @@
 On GPUs every rank owns its device and these terms are 1. On a CPU node, ranks are processes sharing
 a few cores (and memory bandwidth): with more busy ranks than free cores each rank gets a share of a
 core, so a rank computes `slowdown(j)` times slower while j ranks compute at once (calibrated by
-`phalanx/scheduler/calibrate.py`, measured with j ranks busy and the rest blocked). A pipeline's
+`phalanx/planner/calibrate.py`, measured with j ranks busy and the rest blocked). A pipeline's
 ramp-up and ramp-down keep fewer ranks busy, so those slots run faster than the steady state: the
 bubble costs less than its share of the schedule, and a stage's work is not simply divided by 1 - bubble.
 """

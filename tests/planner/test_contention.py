@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from phalanx.config import load_config, validate
-from phalanx.scheduler.contention import pipeline_slots, pipeline_time, slowdown
-from phalanx.scheduler.cost import cpu_comm_costs, sharded_tensors, step_cost
-from phalanx.scheduler.layout import Layout
-from phalanx.scheduler.pipeline import theoretical_bubble
-from phalanx.scheduler.topology import Link, Topology, preset
-from phalanx.scheduler.traffic import step_traffic
+from phalanx.config import load_config
+from phalanx.parallel import validate
+from phalanx.parallel.pipeline_schedule import theoretical_bubble
+from phalanx.planner.contention import pipeline_slots, pipeline_time, slowdown
+from phalanx.planner.cost import cpu_comm_costs, sharded_tensors, step_cost
+from phalanx.planner.layout import Layout
+from phalanx.planner.topology import Link, Topology, preset
+from phalanx.planner.traffic import step_traffic
 from tests.helpers import CONFIG, TINY
 
 
@@ -111,7 +112,7 @@ def test_pipeline_time_walks_the_slots_only_where_cores_are_shared() -> None:
 
 
 def test_link_fit_keeps_the_measured_latency_and_fits_the_bandwidth() -> None:
-    from phalanx.scheduler.calibrate import _fit_link
+    from phalanx.planner.calibrate import _fit_link
 
     lat, bw = 300e-6, 1e9
     samples = [(h, v, lat * h + v / bw) for h in (1, 3) for v in (4e3, 64e3, 512e3, 4e6)]

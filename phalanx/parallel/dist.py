@@ -1,4 +1,5 @@
-"""Process-group start from the torchrun environment; one process runs without torch.distributed."""
+"""Who a rank is (`DistContext`) and its process-group start from the torchrun environment; one process
+runs without torch.distributed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import gc
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,11 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(cfg) -> DistContext:
-    """Start the default process group (gloo on CPU, NCCL on CUDA) and the device mesh, if world > 1."""
+def start_process_groups(cfg, rank_order: Callable[[int, int], tuple[str, ...]]) -> DistContext:
+    """Start the default process group (gloo on CPU, NCCL on CUDA) and the device mesh, if world > 1.
+
+    `rank_order(world_size, ranks_per_node)` is the mesh order, outermost first: the planner decides it
+    (`planner.placement.mesh_order`), so the caller that may import the planner passes it in."""
     rank, world, local_rank = env_world()
     device = pick_device(cfg.run.device, local_rank)
     ctx = DistContext(rank, world, local_rank, device)
@@ -70,15 +74,13 @@ def init_distributed(cfg) -> DistContext:
                 device_id=device if device.type == "cuda" else None,
                 store=rendezvous_store(rank, world, timeout), rank=rank, world_size=world,
             )
-        from phalanx.parallel import ParallelDims
+        from phalanx.parallel.mesh import ParallelDims
 
         p = cfg.parallel
-        from phalanx.scheduler.placement import mesh_order
-
         # torchrun's LOCAL_WORLD_SIZE is the ranks per node; without it the run is taken as one node.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         dims = ParallelDims(dp=p.dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=world,
-                            order=mesh_order(cfg, world, per_node))
+                            order=rank_order(world, per_node))
         ctx.mesh = dims.build_mesh(device.type)
     return ctx
 

@@ -1,0 +1,1 @@
+"""The offline planner (`phalanx plan`): cost model, topology, rank placement and calibration."""
