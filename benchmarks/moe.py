@@ -57,7 +57,7 @@ def _layers(shape: dict, ep: int, device: torch.device, kernel: str = "auto"):
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     from phalanx.config import load_config
-    from phalanx.models.gpt import SwiGLU
+    from phalanx.models.mlp import SwiGLU
     from phalanx.models.moe import MoE
     from phalanx.parallel.expert import ExpertParallel
 

@@ -26,7 +26,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_grouped_mm(device: torch.device) -> dict:
-    from phalanx.parallel.expert import GroupedMM
+    from phalanx.models.experts import GroupedMM
 
     torch.manual_seed(0)
     E, M, d, F = 8, 4096, 1024, 704

@@ -20,15 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phalanx.config import ModelConfig
+from phalanx.models.mlp import SwiGLU, ffn_dim
 from phalanx.models.moe import MoE, expert_ffn_dim, is_moe_block
-
-
-def ffn_dim(cfg: ModelConfig) -> int:
-    """SwiGLU hidden size: 8/3 * d_model (same FLOPs as a 4*d GELU MLP), rounded up to multiple_of."""
-    if cfg.ffn_dim is not None:
-        return cfg.ffn_dim
-    hidden = int(8 * cfg.d_model / 3)
-    return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
 
 
 class RMSNorm(nn.Module):
@@ -93,17 +86,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = self.core(q, k, v)  # (B, T, nh, hs)
         return self.wo(y.reshape(B, T, -1))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

@@ -1,26 +1,69 @@
 """The mixture-of-experts MLP: a router, E SwiGLU experts stored as stacked weights, an optional shared expert.
 
-Replaces `Block.mlp` in every `model.moe.every_n_layers`-th block. Routing, capacity and dispatch
-live in `phalanx/parallel/expert.py`; this module owns the parameters and the per-step statistics.
+Replaces `Block.mlp` in every `model.moe.every_n_layers`-th block. Routing and capacity live in
+`routing.py`, the expert matmuls in `experts.py`; this module owns the parameters, the combine of the
+experts' rows and the per-step statistics. Expert parallelism swaps in its all-to-all dispatch
+(`phalanx/parallel/expert.py`) for `LocalDispatch`.
 Parameter names: `router.weight` (E, d), `experts.w1` / `experts.w3` (E, d, F: gate / up), `experts.w2` (E, F, d),
 `shared.w1/w3/w2` when a shared expert is on.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from phalanx.config import ModelConfig
-from phalanx.parallel.expert import (AuxLossInjector, LocalDispatch, SequenceShards, moe_combine, route,
-                                     swiglu_experts)
+from phalanx.models.experts import swiglu_experts
+from phalanx.models.mlp import SwiGLU, ffn_dim
+from phalanx.models.routing import AuxLossInjector, Routing, SequenceShards, route
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted by local expert, counts) -> rows
+
+
+@dataclass
+class A2ACounter:
+    """Bytes this rank sent and seconds spent in expert all-to-alls since the last `take()`."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def take(self) -> tuple[int, float]:
+        out = (self.bytes, self.seconds)
+        self.bytes, self.seconds = 0, 0.0
+        return out
+
+
+class LocalDispatch:
+    """All experts on this rank: the sorted rows go straight to them."""
+
+    def __init__(self) -> None:
+        self.counter = A2ACounter()
+
+    def __call__(self, rows: torch.Tensor, counts: torch.Tensor, experts: ExpertFn) -> torch.Tensor:
+        return experts(rows, counts)
+
+
+def moe_combine(x: torch.Tensor, routing: Routing, num_experts: int, dispatch: Any, experts: ExpertFn) -> torch.Tensor:
+    """(N, d) tokens -> (N, d): each token's kept assignments through their experts, weighted and summed."""
+    N, k = routing.experts.shape
+    chosen = routing.experts.flatten()
+    if routing.keep is not None:
+        assignments = routing.keep.flatten().nonzero().squeeze(1)
+    else:
+        assignments = torch.arange(N * k, device=x.device)
+    experts_of = chosen[assignments]
+    assignments = assignments[torch.argsort(experts_of, stable=True)]  # sorted by expert
+    counts = torch.bincount(experts_of, minlength=num_experts)
+    out = dispatch(x.index_select(0, assignments // k), counts, experts)  # (assignments, d)
+    slots = out.new_zeros((N * k, out.shape[-1])).index_copy(0, assignments, out)
+    return (slots.view(N, k, -1) * routing.weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 
 def expert_ffn_dim(cfg: ModelConfig) -> int:
-    from phalanx.models.gpt import ffn_dim
-
     return cfg.moe.ffn_dim if cfg.moe.ffn_dim is not None else ffn_dim(cfg)
 
 
@@ -52,8 +95,6 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from phalanx.models.gpt import SwiGLU, ffn_dim
-
         self.cfg = cfg.moe
         self.router = nn.Linear(cfg.d_model, cfg.moe.num_experts, bias=False)
         self.experts = Experts(cfg.moe.num_experts, cfg.d_model, expert_ffn_dim(cfg))

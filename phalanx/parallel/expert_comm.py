@@ -9,27 +9,14 @@ received rows back along the same splits, reversed. Every call is counted (bytes
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from phalanx.models.moe import A2ACounter
 from phalanx.parallel.mesh import EXPERT_DIM
 from phalanx.telemetry import comm
-
-
-@dataclass
-class A2ACounter:
-    """Bytes this rank sent and seconds spent in expert all-to-alls since the last `take()`."""
-
-    bytes: int = 0
-    seconds: float = 0.0
-
-    def take(self) -> tuple[int, float]:
-        out = (self.bytes, self.seconds)
-        self.bytes, self.seconds = 0, 0.0
-        return out
 
 
 def exchange_rows(x: torch.Tensor, group: dist.ProcessGroup, out_splits: list[int], in_splits: list[int],

@@ -73,7 +73,7 @@ def activation_bytes(cfg: Any, layout: Layout, pp_rank: int = 0) -> float:
     """What autograd keeps for one micro-batch on this rank's stages (an estimate, per token per block:
     residual and norm inputs in fp32, q/k/v/attention out, the SwiGLU hidden tensors; logits on the last)."""
     m, moe = cfg.model, cfg.model.moe
-    from phalanx.models.gpt import ffn_dim
+    from phalanx.models.mlp import ffn_dim
     from phalanx.models.moe import expert_ffn_dim
 
     a = 2 if cfg.train.dtype == "bf16" else 4

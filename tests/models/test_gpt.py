@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from phalanx.config import ModelConfig
 from phalanx.models import build_on_meta, flops_per_token, materialize
-from phalanx.models.gpt import CoreAttention, apply_rope, ffn_dim, rope_tables
+from phalanx.models.gpt import CoreAttention, apply_rope, rope_tables
+from phalanx.models.mlp import ffn_dim
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from phalanx.config import ModelConfig, MoEConfig
 from phalanx.models import build_on_meta, flops_per_token, materialize
+from phalanx.models.experts import grouped_mm_supported, swiglu_experts
 from phalanx.models.moe import MoE
-from phalanx.parallel.expert import (SequenceShards, _within_capacity, capacity, grouped_mm_supported, route,
-                                     swiglu_experts)
+from phalanx.models.routing import SequenceShards, _within_capacity, capacity, route
 from tests.helpers import assert_refused
 
 
