@@ -1,4 +1,4 @@
-"""Packaging promises: lazy heavy imports, the report command, the demo config."""
+"""Packaging promises: one-way imports, lazy heavy imports, the report command, the demo config."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from pathlib import Path
 
 from phalanx.cli import main
 from tests.helpers import CONFIG, REPO, run_overrides
+
+
+def test_import_contracts_hold():
+    """The layers and contracts of pyproject.toml's [tool.importlinter] (imports inside functions count)."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
 def test_import_pulls_no_heavy_dependency():
