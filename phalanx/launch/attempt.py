@@ -1,0 +1,111 @@
+"""An attempt's Ray resources: a placement group of one bundle per worker, a keeper actor on each node
+it spans, and a `TrainWorker` per bundle running one rank of `phalanx train` (rendezvous at rank 0's
+node). Survivors of the last attempt are reused and missing workers come from the warm spares."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from phalanx.errors import PhalanxError
+from phalanx.events import append_event
+from phalanx.launch.standby import Standby
+
+
+def newest_checkpoint(cfg: Any, run_dir: str) -> str:
+    """Where a user resumes from: the newest verified persisted checkpoint, or that there is none."""
+    from phalanx.checkpoint.link import run_secret
+    from phalanx.checkpoint.persistent import CheckpointStore
+    from phalanx.checkpoint.signing import signing_key
+
+    c = cfg.checkpoint
+    key = signing_key(run_secret(run_dir, c.key_file)) if c.sign else None
+    store = CheckpointStore(c.storage or os.path.join(run_dir, "checkpoints"), key=key, run_hint=run_dir)
+    newest = store.newest_valid(lambda step, problem: None)
+    return (f"the newest usable checkpoint is {store.path(newest)}" if newest is not None
+            else "no persisted checkpoint exists yet")
+
+
+class AttemptLauncher:
+    """Places and starts the workers of each attempt; holds the node keepers between attempts."""
+
+    def __init__(self, cfg: Any, config_path: str, overrides: list[str], workers: int, run_dir: str):
+        self.cfg, self.config_path, self.overrides, self.workers, self.run_dir = cfg, config_path, overrides, workers, run_dir
+        self.node_index: dict[str, int] = {}
+        self.keepers: dict[int, Any] = {}  # node index -> KeeperActor
+        self.standby = Standby()  # a warm spare worker per node replaces a failed rank
+
+    def place(self) -> tuple[Any, list[str]]:
+        """A placement group of one bundle per worker (spread over the nodes), and the Ray node of each."""
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        gpus = ray.cluster_resources().get("GPU", 0) >= self.workers
+        bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
+        pg = placement_group([dict(bundle) for _ in range(self.workers)], strategy="SPREAD")
+        ready, _ = ray.wait([pg.ready()], timeout=max(self.cfg.fault.wait_for_nodes_s, 1.0))
+        if not ready:
+            ray.util.remove_placement_group(pg)
+            raise PhalanxError(f"Ray cannot place {self.workers} workers ({bundle} each) within "
+                               f"fault.wait_for_nodes_s={self.cfg.fault.wait_for_nodes_s:.0f}s; "
+                               f"{newest_checkpoint(self.cfg, self.run_dir)}; add nodes or lower --workers")
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
+        return pg, [nodes[i] for i in range(self.workers)]
+
+    def keeper(self, node_id: str, node: int) -> None:
+        """A keeper actor on Ray node `node_id` for node index `node`, unless one there answers."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from phalanx.checkpoint.link import run_identity
+        from phalanx.launch.actors import KeeperActor
+
+        actor = self.keepers.get(node)
+        if actor is not None:
+            try:
+                ray.get(actor.ping.remote(), timeout=10)
+                return
+            except Exception:
+                pass
+        c = self.cfg.checkpoint
+        run_id, secret = run_identity(self.run_dir, c.key_file)
+        self.keepers[node] = KeeperActor.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+            run_id, node, secret.hex(), c.keeper_host, c.keeper_dir,
+            c.keeper_linger_s)
+        ray.get(self.keepers[node].ping.remote(), timeout=60)
+
+    def start(self, attempt: int, pg: Any, node_ids: list[str], workers: list[Optional[Any]]
+               ) -> tuple[list[Any], list[int], list[Any]]:
+        """Keepers on every node, a worker in every bundle (survivors of the last attempt are reused:
+        their processes have torch imported and cost no start), then every rank's `phalanx train`."""
+        import ray
+
+        from phalanx.launch.actors import node_index_of
+
+        ray_nodes = [node_index_of(n, self.node_index) for n in node_ids]
+        # checkpoint.simulate_nodes: contiguous rank blocks are the nodes (the trainers' snapshot engines
+        # agree, see checkpoint/collectives.node_ids), each with its own keeper, lost together by a `node` fault
+        simulate = self.cfg.checkpoint.simulate_nodes
+        nodes = [rank * simulate // self.workers for rank in range(self.workers)] if simulate else ray_nodes
+        for node in sorted(set(nodes)):
+            self.keeper(node_ids[nodes.index(node)], node)
+        workers = self.standby.fill(workers, pg, node_ids)
+        master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
+        port = ray.get(workers[0].free_port.remote(), timeout=60)
+        overrides = [*self.overrides, f"run.name={os.path.basename(self.run_dir)}",
+                     f"run.dir={os.path.dirname(self.run_dir)}", "run.resume=true"]
+        futures = []
+        for rank, worker in enumerate(workers):
+            local = ray_nodes[:rank].count(ray_nodes[rank])
+            env = {"RANK": str(rank), "WORLD_SIZE": str(self.workers), "LOCAL_RANK": str(local),
+                   "LOCAL_WORLD_SIZE": str(ray_nodes.count(ray_nodes[rank])), "MASTER_ADDR": master_ip,
+                   "MASTER_PORT": str(port), "PHALANX_NODE": str(nodes[rank]), "PHALANX_RUN_LOCK_HELD_BY": "ray",
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            for name in ("GLOO_SOCKET_IFNAME", "PHALANX_RUN_SECRET"):  # the secret: rank 0 must read the keepers'
+                if name in os.environ:
+                    env[name] = os.environ[name]
+            futures.append(worker.run.remote(self.config_path, overrides, env))
+        append_event(self.run_dir, "workers", attempt=attempt, nodes=nodes, node_ids=node_ids)
+        print(f"phalanx ray: attempt {attempt}: {self.workers} workers on nodes {nodes}", flush=True)
+        return workers, nodes, futures
