@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from phalanx.parallel.local_ranks import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -49,12 +50,6 @@ def loopback_env(threads: int = 1) -> dict:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def phalanx_cmd(args: list[str], nproc: int = 1) -> list[str]:

@@ -346,20 +346,17 @@ def calibrate_rank(cfg: Any, nodes: int, gpus_per_node: int, device: str) -> Top
                     calibrated=True)
 
 
-def _worker(rank: int, world: int, port: int, cfg: Any, device: str, out: str, threads: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(threads)
+def _calibrate_local_rank(cfg: Any, device: str) -> str:
+    """One local rank of `calibrate_local` (RANK and WORLD_SIZE set by the pool): its topology as JSON."""
     from phalanx.parallel.dist import rendezvous_store
 
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             store=rendezvous_store(rank, world, datetime.timedelta(seconds=300)))
     try:
         topo = calibrate_rank(cfg, 1, world, device)
-        if rank == 0:
-            with open(out, "w") as f:
-                f.write(topo.to_json())
         dist.barrier()
+        return topo.to_json()
     finally:
         dist.destroy_process_group()
 
@@ -367,18 +364,11 @@ def _worker(rank: int, world: int, port: int, cfg: Any, device: str, out: str, t
 def calibrate_local(cfg: Any, gpus_per_node: int, device: str = "cpu", threads: int = 1) -> Topology:
     """Calibrate one node of `gpus_per_node` local processes (gloo on loopback, this machine's CPUs)."""
     import json
-    import tempfile
 
-    import torch.multiprocessing as mp
-
-    from phalanx.planner.measure import free_port
+    from phalanx.parallel.local_ranks import run_local
 
     if gpus_per_node == 1:
         torch.set_num_threads(threads)
         return calibrate_rank(cfg, 1, 1, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "topology.json")
-        mp.spawn(_worker, args=(gpus_per_node, free_port(), cfg, device, out, threads), nprocs=gpus_per_node,
-                 join=True)
-        with open(out) as f:
-            return Topology.from_dict(json.load(f))
+    return Topology.from_dict(json.loads(run_local(_calibrate_local_rank, gpus_per_node, cfg, device,
+                                                   threads=threads)))

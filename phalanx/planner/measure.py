@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,33 +83,16 @@ def _rank_measure(overrides: list[str], world: int, run_dir: str, steps: int, co
         shutdown()
 
 
-def _worker(rank: int, world: int, port: int, args: tuple, out: str, threads: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(threads)
-    result = _rank_measure(*args)
-    if rank == 0:
-        torch.save(result, out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_layout(config: str, overrides: list[str], world: int, steps: int = 0, threads: int = 1) -> list[dict]:
     """Per rank: {"comm": {"kind/dim": {calls, bytes, seconds}} of one optimizer step after a warm-up,
     "memory": {params, grads, optim} bytes, "seconds": wall time of `steps` further steps}."""
-    import torch.multiprocessing as mp
+    from phalanx.parallel.local_ranks import run_local
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.pt")
         args = (list(overrides), world, tmp, steps, config)
         if world == 1:
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
                 os.environ.pop(key, None)
             torch.set_num_threads(threads)
             return _rank_measure(*args)["ranks"]
-        mp.spawn(_worker, args=(world, free_port(), args, out, threads), nprocs=world, join=True)
-        return torch.load(out, weights_only=True)["ranks"]  # plain dicts of numbers: no pickle of objects
+        return run_local(_rank_measure, world, *args, threads=threads)["ranks"]

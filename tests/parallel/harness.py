@@ -1,7 +1,7 @@
 """Run one training step in N gloo processes and in one process, and return what to compare.
 
-Workers are spawned (not forked) on loopback; rank 0 writes the mean loss and every parameter's
-full gradient (after the data-parallel reduction) to a file.
+Ranks are spawned (not forked) on loopback, once per session, and reused (`spawn`); rank 0 returns the mean
+loss and every parameter's full gradient (after the data-parallel reduction).
 """
 
 from __future__ import annotations
@@ -10,21 +10,20 @@ import gc
 import os
 import random
 import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from phalanx.config import load_config
 from phalanx.launch.run import init_distributed
 from phalanx.parallel import validate
 from phalanx.parallel.dist import shutdown
+from phalanx.parallel.local_ranks import run_local
 from phalanx.parallel.expert import moe_metrics
 from phalanx.telemetry import comm
 from phalanx.trainer import Trainer
-from tests.helpers import CONFIG, TINY, free_port
+from tests.helpers import CONFIG, TINY
 
 
 def _clean(name: str) -> str:
@@ -73,21 +72,9 @@ def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
         shutdown()
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    result = fn(*args)
-    if rank == 0:
-        torch.save(result, out)
-
-
 def spawn(fn: Callable[..., Any], world: int, *args: Any) -> Any:
-    """Run `fn(*args)` in `world` spawned processes (RANK etc. set, loopback); rank 0's return value."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "result.pt")
-        mp.spawn(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
-        return torch.load(out, weights_only=False)
+    """Run `fn(*args)` on `world` local ranks (RANK etc. set, loopback); rank 0's return value."""
+    return run_local(fn, world, *args)
 
 
 def spawn_one_step(overrides: list[str], world: int) -> dict:
