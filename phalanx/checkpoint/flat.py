@@ -218,11 +218,6 @@ def read_skeleton_values(data: bytes, template: Optional[dict[str, Any]] = None
     return values, {fqn: tuple(path) for fqn, path in skeleton["mapping"].items()}
 
 
-def skeleton_bytes(state: dict[str, Any]) -> bytes:
-    flat, mapping = flatten_state_dict(state)
-    return _skeleton_json(state, flat, mapping)
-
-
 def encode_values(flat: dict[str, Any]) -> dict[str, Any]:
     """The JSON form of a flat state's non-tensor leaves."""
     return {fqn: _encode(v) for fqn, v in flat.items() if not isinstance(v, torch.Tensor)}

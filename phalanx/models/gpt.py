@@ -160,11 +160,8 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embedding and self.tok_embeddings is not None and not self.cfg.tie_embeddings:
-            n -= self.tok_embeddings.weight.numel()
-        return n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 def _assign(param: torch.Tensor, full: torch.Tensor) -> None:

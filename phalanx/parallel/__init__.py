@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from phalanx.errors import ConfigError
 from phalanx.parallel import data_parallel, expert, pipeline, sequence, zero  # noqa: F401  (register the strategies)
 from phalanx.parallel.mesh import ParallelDims
 from phalanx.parallel.registry import available, get, register
 
-# mesh dimension -> (strategy kind, config key naming the strategy, or None while none is registered)
+# mesh dimension -> (strategy kind, config key naming the strategy)
 _KIND_OF_DIM = {"sp": ("sequence", "sp_backend"), "ep": ("expert", "ep_backend"), "pp": ("pipeline", "pp_schedule")}
 
 
@@ -33,11 +32,6 @@ def validate_layout(cfg: Any, world_size: int, dp: int) -> ParallelDims:
     for dim, (kind, key) in _KIND_OF_DIM.items():
         degree = getattr(dims, dim)
         if degree > 1:
-            if key is None:
-                raise ConfigError(
-                    f"parallel.{dim}={degree}: no {kind}-parallel strategy is registered in this phalanx "
-                    f"version; set parallel.{dim}=1"
-                )
             get(kind, getattr(p, key), f"parallel.{key}").validate(dims, cfg)
     return dims
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Optional
+from typing import Optional
 
 from phalanx.errors import ConfigError
 
@@ -126,8 +126,3 @@ def save_topology(topo: Topology, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(topo.to_json() + "\n")
-
-
-def describe(topo: Topology) -> dict[str, Any]:
-    return {"nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node, "device": topo.device,
-            "calibrated": topo.calibrated}
