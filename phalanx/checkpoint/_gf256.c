@@ -36,8 +36,8 @@
 
 #define GF_POLY 0x11D
 #define GF_MAXK 256
-/* Bytes of each source per pass: k = 8 sources of 64 KiB sit in a 1 MiB L2. On the dev VM (k=4, m=2, 16 MiB
-   blocks) 4 KiB to 1 MiB chunks all ran at 14-15 GB/s, memory-bound; one unchunked pass per output, 11.5-13. */
+/* Bytes of each source per pass: k = 8 sources of 64 KiB sit in a 1 MiB L2, so every output of a chunk reads
+   them from cache; one unchunked pass per output would read each source from memory m times. */
 #define GF_CHUNK 65536
 
 static uint8_t mul_tab[256][256];                         /* mul_tab[c][x] = c * x */
@@ -215,8 +215,8 @@ int gf256_set_level(int lvl) {
 int gf256_level(void) { return level; }
 
 /* Asks Linux for transparent huge pages under the 2 MiB-aligned part of [p, p + n) before it is first written.
-   Fresh output blocks otherwise cost one page fault per 4 KiB: on the dev VM that made a k=4, m=2 encode into new
-   16 MiB tensors 3.4 GB/s against 13 into reused ones; with the advice, 7.6-8.4. A no-op elsewhere. */
+   Fresh output blocks otherwise cost one page fault per 4 KiB, which can cost more than the encode itself
+   (benchmarks/erasure.py, "reused out"). A no-op elsewhere. */
 void gf256_advise_huge(void *p, size_t n) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)2 << 20;

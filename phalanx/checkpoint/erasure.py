@@ -6,8 +6,8 @@ them so), so any m lost blocks of a group are rebuilt from any k survivors, and 
 block is the plain XOR of the data (the m = 1 fast path). Blocks are equal-length uint8 tensors;
 `split_blocks` / `join_blocks` pad and cut a flat byte tensor.
 
-The bytes are multiplied in gf256.py: a native C kernel for CPU tensors (memory-bound, ~14 GB/s encode on the dev
-VM; benchmarks/erasure.py), torch table lookups for GPU tensors or where no C compiler is found. Both give the
+The bytes are multiplied in gf256.py: a native C kernel for CPU tensors (memory-bound; benchmarks/erasure.py),
+torch table lookups for GPU tensors or where no C compiler is found. Both give the
 same bytes. A parity holder can also build its parity one data block at a time: `parity_contributions` of each
 data block, XORed together with `xor_into`, equal `encode`.
 """
@@ -71,7 +71,7 @@ class ErasureCodec:
         it) when given.
 
         Reusing `out` across checkpoints saves the first-touch page faults of fresh parity tensors, which
-        on the dev VM cost more than the native kernel's arithmetic (benchmarks/erasure.py, "reused out").
+        can cost more than the native kernel's arithmetic (benchmarks/erasure.py, "reused out").
         """
         if len(data) != self.k:
             raise PhalanxError(f"encode: got {len(data)} data blocks for a code with k={self.k}")

@@ -4,8 +4,8 @@ Bulk ops run in a native C kernel (`_gf256.c`: AVX-512/GFNI, AVX2 split-nibble P
 per CPU) for CPU tensors, built on first use with the system C compiler into ~/.cache/phalanx and loaded with
 ctypes. CUDA tensors use one Triton kernel per call (`_gf256_triton.py`; Triton ships with CUDA builds of
 torch). Without a compiler or Triton they run as torch table lookups (one warning for the former).
-Measured on the dev VM, one thread, k=4 m=2 encode: native ~14 GB/s (memory-bound), torch ~0.3 GB/s; GPU
-figures are in benchmarks/RESULTS.md.
+The native kernel is memory-bound; the lookups are far slower (benchmarks/erasure.py, figures in
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def _mul_table(device: str) -> torch.Tensor:
 
 def _dot_torch(outs: list[torch.Tensor], srcs: list[torch.Tensor], coefs: list[list[int]], accumulate: bool) -> None:
     # One 256-entry lookup per (source, output). The int32 index of a source is built once and shared by all
-    # outputs: the index conversion, not the lookup, is most of the cost (int32 index_select measured 2x the
-    # old per-output table[c][src.long()] on CPU). On a GPU the 256-byte table row stays in L1.
+    # outputs: the index conversion, not the lookup, is most of the cost. On a GPU the 256-byte table row
+    # stays in L1.
     table = _mul_table(str(srcs[0].device))
     if not accumulate:
         for out in outs:

@@ -1,9 +1,8 @@
 """Warm spare workers: a failed rank's replacement that has already imported torch and phalanx.
 
-Most of a replacement's start is not Ray's: it is the new process importing torch and the trainer.
-On the 2-core dev VM a fresh replacement's restart phase measured 3.1 s lightly loaded and 8.1 s
-under load, when the imports alone took 7.7 s and a new actor answered in 0.6-1.7 s. So the controller keeps one spare `TrainWorker` per node, started with its imports
-done in the background, and a failed rank's bundle gets its node's spare instead of a new process.
+Most of a replacement's start is not Ray's: it is the new process importing torch and the trainer
+(benchmarks/recovery.py times both). So the controller keeps one spare `TrainWorker` per node, started
+with its imports done in the background, and a failed rank's bundle gets its node's spare instead of a new process.
 The spare runs beside the placement group (no resources of its own): only on CPU bundles, since a
 GPU worker's device comes with its bundle, and a spare holding a GPU would idle one.
 """

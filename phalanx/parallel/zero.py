@@ -25,8 +25,8 @@ from phalanx.parallel.registry import register
 class ZeroStrategy(TorchDataParallel):
 
     # DeepSpeed's state_dict() hands out copies (stage 3 gathers the parameters), so a snapshot cannot keep
-    # its sources between steps and would rebuild the whole state every step; per-step snapshots of ZeRO
-    # runs are not measured or tested yet, so a ZeRO run snapshots at its persist steps and at the end.
+    # its sources between steps: it would rebuild the whole state every step. A ZeRO run therefore snapshots
+    # at its persist steps and at the end.
     snapshots_every_step = False
     @staticmethod
     def validate(dims: Any, cfg: Any) -> None:
