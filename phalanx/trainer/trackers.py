@@ -83,3 +83,17 @@ class WandbTracker:
         self.run.finish()
 
 
+def open_trackers(cfg: Any, run_dir: str, start_step: int, wandb_run_id: Optional[str]
+                  ) -> tuple[list[Tracker], Optional[str]]:
+    """Rank 0's trackers for a launch that starts after `start_step`, and the wandb run id they continue."""
+    log = cfg.log
+    trackers: list[Tracker] = [ConsoleTracker(log.progress, cfg.train.steps, start_step),
+                               JsonlTracker(f"{run_dir}/metrics.jsonl")]
+    if log.wandb != "disabled":
+        from omegaconf import OmegaConf
+
+        wandb = WandbTracker(log.wandb, log.wandb_project, cfg.run.name, run_dir,
+                             OmegaConf.to_container(OmegaConf.structured(cfg)), wandb_run_id)
+        wandb_run_id = wandb.run_id
+        trackers.append(wandb)
+    return trackers, wandb_run_id

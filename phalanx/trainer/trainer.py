@@ -13,12 +13,11 @@ Build order (each step documented because strategies depend on it):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -38,34 +37,21 @@ from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.pipeline import num_stages, pipeline_microbatches
 from phalanx.telemetry import comm, health
 from phalanx.trainer.metrics import memory_gib, peak_flops
+from phalanx.trainer.hooks import Hooks, StepInfo, StepTimer, due
 from phalanx.trainer.optim import build_optimizer, build_schedule
+from phalanx.trainer.rng import rng_state, seed_all, set_rng_state
 from phalanx.trainer.signals import StopRequest
-from phalanx.trainer.trackers import ConsoleTracker, JsonlTracker, Tracker, WandbTracker
+from phalanx.trainer.trackers import Tracker, open_trackers
 
 if TYPE_CHECKING:
     from phalanx.parallel.pipeline_schedule import PipelineRunner
 
-Hook = Callable[["Trainer", dict], None]
+MetricsHook = Callable[["Trainer", dict], None]
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss; logits (B, T, V) in any dtype, computed in fp32."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Trainer:
@@ -76,9 +62,7 @@ class Trainer:
     def __init__(self, cfg: PhalanxConfig, ctx: DistContext, run_dir: str):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         self.device = ctx.device
-        torch.manual_seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed % 2**32)
-        random.seed(cfg.run.seed)
+        seed_all(cfg.run.seed)
 
         checkpoint_group = snapshot_group(ctx, cfg.fault.collective_timeout_s)  # before any back end's groups
         model = build_on_meta(cfg.model)
@@ -129,7 +113,7 @@ class Trainer:
         self.rank_local_keys = rank_local
         self.step = 0
         self.wandb_run_id: Optional[str] = None
-        self.hooks: list[Hook] = []  # called on every rank after each logged step with its metrics
+        self.hooks: list[MetricsHook] = []  # called on every rank after each logged step with its metrics
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.train.dtype)
         self.last_lr = 0.0
@@ -144,21 +128,16 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         model_state, optim_state = self.data_parallel.state_dict(self.model, self.optimizer)
-        return {
-            "model": model_state,
-            "optim": optim_state,
-            "lr_schedule": self.schedule.state_dict(),
-            "data": self.data.state_dict(),
-            "step": self.step,
-            "trackers": {"wandb_run_id": self.wandb_run_id},
-            "rng": rng_state(self.device),
-        }
+        return {"model": model_state, "optim": optim_state, **self._small_state()}
 
     def changing_state(self) -> dict[str, Any]:
         """The part of `state_dict()` that is not tensors updated in place — cheap to build every step."""
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        return {"optim": {"param_groups": groups}, **self._small_state()}
+
+    def _small_state(self) -> dict[str, Any]:
+        """Everything but the model and the optimizer: values rebuilt on every call."""
         return {
-            "optim": {"param_groups": [{k: v for k, v in group.items() if k != "params"}
-                                       for group in self.optimizer.param_groups]},
             "lr_schedule": self.schedule.state_dict(),
             "data": self.data.state_dict(),
             "step": self.step,
@@ -297,32 +276,7 @@ class Trainer:
             comm.all_reduce(value, self.ctx.mesh[DATA_DIM].get_group(), DATA_DIM, op=dist.ReduceOp.AVG)
         return float(value)
 
-    def _agree_stop(self, requested: bool) -> bool:
-        """Every rank stops at the same step if any rank was asked to (SIGTERM may reach one)."""
-        if not self.ctx.distributed:
-            return requested
-        flag = torch.tensor([int(requested)], device=self.device)
-        comm.all_reduce(flag, None, "world", op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     # ---- the loop ------------------------------------------------------------------------
-
-    def _trackers(self, start_step: int) -> list[Tracker]:
-        if not self.ctx.is_main:
-            return []
-        log = self.cfg.log
-        trackers: list[Tracker] = [
-            ConsoleTracker(log.progress, self.cfg.train.steps, start_step),
-            JsonlTracker(f"{self.run_dir}/metrics.jsonl"),
-        ]
-        if log.wandb != "disabled":
-            from omegaconf import OmegaConf
-
-            wandb = WandbTracker(log.wandb, log.wandb_project, self.cfg.run.name, self.run_dir,
-                                 OmegaConf.to_container(OmegaConf.structured(self.cfg)), self.wandb_run_id)
-            self.wandb_run_id = wandb.run_id
-            trackers.append(wandb)
-        return trackers
 
     def print(self, message: str) -> None:
         if self.ctx.is_main:
@@ -330,48 +284,33 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`, resuming from the newest checkpoint; returns the last logged metrics."""
-        cfg = self.cfg
         trackers = self._begin()
         stop = StopRequest().install()
+        hooks = self._hooks(trackers, stop)
         metrics: dict[str, Any] = {}
-        first_step = self.step + 1  # the first step of every launch is logged
+        first_step = self.step + 1
         finished = False  # a run that ends or stops cleanly lets its keepers go
         try:
-            interval_start, interval_steps = time.perf_counter(), 0
-            while self.step < cfg.train.steps:
-                step_start = time.perf_counter()
-                self.faults.before_step()
+            timer = StepTimer()
+            while self.step < self.cfg.train.steps:
+                started = time.perf_counter()
+                hooks.before_step()
                 loss, grad_norm = self.train_step(self.data.next_step())
                 self.step += 1
-                interval_steps += 1
-                last = self.step == cfg.train.steps
-                logged = self.step % cfg.log.every == 0 or last or self.step == first_step
-                if logged:
-                    metrics = self._log_step(loss, grad_norm, interval_start, interval_steps, trackers, last)
-                if self.step == first_step and self.ctx.is_main:  # a controller times recovery by it
-                    append_event(self.run_dir, "first_step", step=self.step)
-                # A stop request is agreed at logged steps only when distributed: the agreement is a collective.
-                stopping = self._agree_stop(stop.requested) if logged or not self.ctx.distributed else False
-                persist = bool(cfg.checkpoint.persist_every) and self.step % cfg.checkpoint.persist_every == 0
-                every = cfg.checkpoint.snapshot_every if self.data_parallel.snapshots_every_step else 0
-                snapshot = bool(every) and self.step % every == 0
-                if stopping:
-                    self.save()
-                elif snapshot or persist:  # launches copies; the keepers persist
-                    health.phase("snapshot")
-                    self.snapshots.snapshot(self.step, persist=persist)
-                seconds = time.perf_counter() - step_start
-                health.step_done(self.step, seconds)
-                self.faults.after_step(self.step, seconds)
-                if stopping:
+                timer.steps += 1
+                info = StepInfo(self.step, loss, grad_norm, started, timer, first=self.step == first_step,
+                                last=self.step == self.cfg.train.steps)
+                hooks.after_step(info)
+                metrics = info.metrics if info.logged else metrics
+                if info.stopping:
                     self.print(f"stopped by signal at step {self.step}; checkpoint saved; "
                                f"relaunch the same command to resume")
                     if self.ctx.is_main:
                         append_event(self.run_dir, "interrupted", step=self.step, signal=stop.signal)
                     finished = True
                     return metrics
-                if logged or persist:  # eval, logging and saving are not part of a step's time
-                    interval_start, interval_steps = time.perf_counter(), 0
+                if info.untimed:
+                    timer.restart()
             self.save()
             if self.ctx.is_main:
                 append_event(self.run_dir, "end", step=self.step)
@@ -382,6 +321,22 @@ class Trainer:
             for tracker in trackers:
                 tracker.close()
         return metrics
+
+    def _hooks(self, trackers: list[Tracker], stop: StopRequest) -> Hooks:
+        """The loop's optional work, in the order it runs after a step."""
+        hooks = Hooks()
+        hooks.add_before(self.faults.before_step)
+        # The first step of every launch is logged, and the last one.
+        logged = {"every": self.cfg.log.every, "first": True, "last": True}
+        hooks.add(self._measure, **logged)
+        hooks.add(self._evaluate, every=self.cfg.train.eval_every, last=bool(self.cfg.train.eval_every))
+        hooks.add(functools.partial(self._report, trackers), **logged)
+        hooks.add(self._first_step_event, every=0, first=True)
+        # Agreeing on a stop is a collective, so distributed ranks agree at logged steps only.
+        hooks.add(functools.partial(self._agree_stop, stop), **(logged if self.ctx.distributed else {}))
+        hooks.add(self._checkpoint)
+        hooks.add(self._step_done)
+        return hooks
 
     def _begin(self) -> list[Tracker]:
         """Restore the newest checkpoint (auto-resume), record the launch, open the trackers."""
@@ -397,32 +352,67 @@ class Trainer:
                        f"raise train.steps to train further")
         self.print(f"training {self.n_params / 1e6:.2f}M parameters on {self.ctx.world_size} x {self.device.type} "
                    f"for {cfg.train.steps} steps -> {self.run_dir}")
-        trackers = self._trackers(self.step)
+        trackers: list[Tracker] = []
+        if self.ctx.is_main:
+            trackers, self.wandb_run_id = open_trackers(cfg, self.run_dir, self.step, self.wandb_run_id)
         self.wandb_run_id = broadcast_object(self.wandb_run_id, self.ctx)  # every rank checkpoints the same id
         return trackers
 
-    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, interval_start: float, interval_steps: int,
-                  trackers: list[Tracker], last: bool) -> dict[str, Any]:
-        """Metrics of this step (and eval when due) to trackers and hooks."""
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def _measure(self, info: StepInfo) -> None:
+        """This step's metrics; the eval, logging and saving after it are not training time."""
         health.phase("log")
-        loss_value = self._dp_mean(loss)  # waits for the device, so the interval's time is real
-        seconds = (time.perf_counter() - interval_start) / interval_steps
-        metrics = self._metrics(loss_value, float(grad_norm), seconds)
+        loss = self._dp_mean(info.loss)  # waits for the device, so the timer's seconds are real
+        info.metrics = self._metrics(loss, float(info.grad_norm), info.timer.per_step())
         if self.moe_layers:
             group = self.ctx.mesh[DATA_DIM].get_group() if self.ctx.distributed else None
-            metrics.update(moe_metrics(self.moe_layers, group, self.data.accumulation))
+            info.metrics.update(moe_metrics(self.moe_layers, group, self.data.accumulation))
         if self.pipeline is not None:
-            metrics.update(self._bubble())
-        eval_every = self.cfg.train.eval_every
-        if eval_every and (self.step % eval_every == 0 or last):
-            metrics["val_loss"] = self.evaluate()
+            info.metrics.update(self._bubble())
+        info.logged = info.untimed = True
+
+    def _evaluate(self, info: StepInfo) -> None:
+        if info.logged:  # a validation loss is reported with a logged step's metrics
+            info.metrics["val_loss"] = self.evaluate()
+
+    def _report(self, trackers: list[Tracker], info: StepInfo) -> None:
+        """The metrics to the trackers, the controller and the metrics hooks."""
         for tracker in trackers:
-            tracker.log(metrics)
+            tracker.log(info.metrics)
         if self.ctx.is_main:
-            health.HEALTH.metrics = {k: v for k, v in metrics.items() if k != "comm"}  # streamed to a controller
+            health.HEALTH.metrics = {k: v for k, v in info.metrics.items() if k != "comm"}  # streamed to a controller
         for hook in self.hooks:
-            hook(self, metrics)
-        return metrics
+            hook(self, info.metrics)
+
+    def _first_step_event(self, info: StepInfo) -> None:
+        if self.ctx.is_main:  # a controller times recovery by it
+            append_event(self.run_dir, "first_step", step=info.step)
+
+    def _agree_stop(self, stop: StopRequest, info: StepInfo) -> None:
+        """Every rank stops at the same step if any rank was asked to (SIGTERM may reach one)."""
+        info.stopping = stop.requested
+        if self.ctx.distributed:
+            flag = torch.tensor([int(stop.requested)], device=self.device)
+            comm.all_reduce(flag, None, "world", op=dist.ReduceOp.MAX)
+            info.stopping = bool(flag.item())
+
+    def _checkpoint(self, info: StepInfo) -> None:
+        """On an agreed stop, persist now; else launch the copies of a due snapshot (the keepers persist)."""
+        persist = due(info.step, self.cfg.checkpoint.persist_every)
+        snapshot = self.data_parallel.snapshots_every_step and due(info.step, self.cfg.checkpoint.snapshot_every)
+        if info.stopping:
+            self.save()
+        elif snapshot or persist:
+            health.phase("snapshot")
+            self.snapshots.snapshot(info.step, persist=persist)
+        info.untimed |= persist
+
+    def _step_done(self, info: StepInfo) -> None:
+        """The step's whole time, saving included, to the health report and the fault injector."""
+        seconds = time.perf_counter() - info.started
+        health.step_done(info.step, seconds)
+        self.faults.after_step(info.step, seconds)
 
     def _bubble(self) -> dict[str, Any]:
         """Per-stage compute (busy) and idle seconds per step since the last logged step, and the measured
