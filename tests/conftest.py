@@ -30,3 +30,23 @@ def _no_keeper_outlives_the_tests(tmp_path_factory):
         if ("phalanx.checkpoint.keeper" in cmdline and proc.info["create_time"] >= started - 1
                 and any(arg.startswith(roots) for arg in cmdline)):
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`reference_run(config, world, *overrides)`: the run folder of a failure-free run of `config` with the
+    tests' tiny model (`run_overrides`) on `world` pooled local ranks, trained once per session and shared by
+    every test that asks for the same run. Treat it as read-only."""
+    from tests.helpers import run_overrides, train_local
+
+    cache: dict = {}
+
+    def run(config, world: int, *overrides: str):
+        key = (str(config), world, overrides)
+        if key not in cache:
+            root = tmp_path_factory.mktemp("reference")
+            train_local(config, run_overrides(root, *overrides), world)
+            cache[key] = root / "t"
+        return cache[key]
+
+    return run

@@ -64,6 +64,26 @@ def run_phalanx(args: list[str], nproc: int = 1, timeout: float = 300, threads: 
                           text=True, timeout=timeout)
 
 
+def _train_rank(config: str, overrides: list[str]) -> None:
+    from phalanx.config import load_config
+    from phalanx.launch.run import run_rank
+    from phalanx.parallel import validate
+    from phalanx.parallel.dist import env_world
+
+    cfg = load_config(config, overrides)
+    validate(cfg, env_world()[1])
+    run_rank(cfg)
+
+
+def train_local(config: str, overrides: list[str], world: int = 1) -> None:
+    """What `phalanx train CONFIG OVERRIDES` does on `world` torchrun ranks, run on the pooled local ranks of
+    `phalanx.parallel.local_ranks` (the same code, one thread each; no process started): for failure-free
+    reference runs."""
+    from phalanx.parallel.local_ranks import run_local
+
+    run_local(_train_rank, world, str(config), list(overrides))
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,8 +1,8 @@
 """Predicted per-step collective bytes and state memory equal what phalanx measures, layout by layout.
 
-Each layout runs the real trainer in 2-4 gloo processes (`phalanx.scheduler.measure`): bytes per
-(kind, mesh dimension) come from `phalanx/parallel/comm.py`, memory from the tensors each rank holds.
-The predictions (`phalanx.scheduler.traffic`, `phalanx.scheduler.cost`) come from shapes only.
+Each layout runs the real trainer in 2-4 gloo processes (`phalanx.planner.measure`): bytes per
+(kind, mesh dimension) come from `phalanx/telemetry/comm.py`, memory from the tensors each rank holds.
+The predictions (`phalanx.planner.traffic`, `phalanx.planner.cost`) come from shapes only.
 """
 
 from __future__ import annotations

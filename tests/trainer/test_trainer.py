@@ -77,10 +77,9 @@ def test_crash_and_resume_is_bitwise_identical_in_process(tmp_path):
     assert losses(ref.run_dir) == losses(resumed.run_dir)
 
 
-def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(tmp_path):
+def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(reference_run, tmp_path):
     steps = 16
-    args = ["train", CONFIG, *run_overrides(tmp_path / "ref", f"train.steps={steps}", "checkpoint.persist_every=2")]
-    assert run_phalanx(args).returncode == 0
+    ref_dir = reference_run(CONFIG, 1, f"train.steps={steps}", "checkpoint.persist_every=2")
 
     kill_at = random.Random().randint(3, steps - 6)  # from step 3 on, step-2 is committed; 6 steps of margin
     print(f"killing at step {kill_at}")
@@ -96,7 +95,7 @@ def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(tmp_path):
     relaunch = run_phalanx(victim)
     assert relaunch.returncode == 0, relaunch.stderr
     assert "resumed" in relaunch.stdout
-    ref_dir, kill_dir = tmp_path / "ref" / "t", tmp_path / "kill" / "t"
+    kill_dir = tmp_path / "kill" / "t"
     assert_bitwise_equal(load_checkpoint(final_checkpoint(ref_dir, steps)), load_checkpoint(final_checkpoint(kill_dir, steps)))
     assert losses(ref_dir) == losses(kill_dir)
 
