@@ -1,8 +1,7 @@
 """The Ray controller on a local Ray cluster (loopback only, no dashboard): a killed worker and a hung rank
 are detected, named and recovered from keeper memory, bit for bit, in every parallel layout; failures back
-to back and during a recovery are survived; a node lost by injection is rebuilt from its erasure group's
-parity; too many failures end cleanly, naming the newest checkpoint. (A node removed from a 3-node
-`ray.cluster_utils.Cluster`: test_ray_cluster.py.)"""
+to back and during a recovery are survived; too many failures end cleanly, naming the newest checkpoint.
+(A node removed from a 3-node `ray.cluster_utils.Cluster` and rebuilt from parity: test_ray_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import os
 import pytest
 
 from tests.helpers import (CONFIG, assert_bitwise_equal, assert_loopback_only, events, final_checkpoint,
-                           load_checkpoint, losses, run_overrides, run_phalanx)
+                           load_checkpoint, losses, run_overrides)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -32,12 +31,9 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ref")
-    result = run_phalanx(["train", CONFIG, *run_overrides(root, *BASE)], nproc=2)
-    assert result.returncode == 0, result.stderr
-    return root / "t"
+@pytest.fixture
+def reference(reference_run):
+    return reference_run(CONFIG, 2, *BASE)
 
 
 def controller(tmp_path, *extra: str, workers: int = 2) -> int:
@@ -94,30 +90,22 @@ def test_a_straggler_is_reported_with_its_rank(local_ray, tmp_path):
     assert stragglers and stragglers[0]["rank"] == 1, stragglers
 
 
-def restore_tiers(run_dir) -> list[list[str]]:
-    """Where each rank's state came from, per restore (the restore event's `ranks`)."""
-    return [e.get("ranks") for e in of(run_dir, "restore")]
-
-
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_dim=64"]
 
-# One layout per parallelism, 2 workers each (tests/launch/test_torchrun.py LAYOUTS); DDP is the default layout
-# of the tests above. ZeRO snapshots at persist steps only and restores from storage after a restart (a fresh
+# Every kind of state a rank holds, 2 workers each; DDP is the default layout of the tests above, and sequence
+# parallelism holds the same state as DDP. FSDP and experts share a run (ep borrows from dp). ZeRO snapshots at persist steps only and restores from storage after a restart (a fresh
 # DeepSpeed state does not have the snapshots' layout), so it persists every 2 steps here.
 LAYOUTS = {
-    "fsdp2": ["parallel.dp_backend=fsdp"],
+    "fsdp2-ep2": [*MOE, "parallel.ep=2", "parallel.dp_backend=fsdp"],
     "zero2": ["parallel.dp_backend=zero", "parallel.zero_stage=2", "checkpoint.persist_every=2"],
-    "sp2": ["parallel.dp=1", "parallel.sp=2"],
-    "moe-ep2": [*MOE, "parallel.ep=2"],
     "pp2": ["model.n_layers=4", "parallel.pp=2"],
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_layout_recovers_a_killed_worker_bit_for_bit(layout, local_ray, tmp_path):
+def test_every_layout_recovers_a_killed_worker_bit_for_bit(layout, local_ray, reference_run, tmp_path):
     extra = [*LAYOUTS[layout], "train.steps=8"]
-    ref = run_phalanx(["train", CONFIG, *run_overrides(tmp_path / "ref", *BASE, *extra)], nproc=2)
-    assert ref.returncode == 0, ref.stderr
+    ref = reference_run(CONFIG, 2, *BASE, *extra)
     assert controller(tmp_path, *extra, "fault.inject=[kill:rank=1:step=4]") == 0
     run_dir = tmp_path / "t"
     recovery = of(run_dir, "recovery")
@@ -125,9 +113,9 @@ def test_every_layout_recovers_a_killed_worker_bit_for_bit(layout, local_ray, tm
     assert [(r["cause"], r["ranks"], r["restored_from"]) for r in recovery] == [
         ("dead worker", [1], "storage" if zero else "keeper")]
     assert recovery[0]["steps_lost"] <= (2 if zero else 1), recovery
-    assert_bitwise_equal(load_checkpoint(final_checkpoint(tmp_path / "ref" / "t", 8), rank_local=not zero),
+    assert_bitwise_equal(load_checkpoint(final_checkpoint(ref, 8), rank_local=not zero),
                          load_checkpoint(final_checkpoint(run_dir, 8), rank_local=not zero))
-    assert losses(run_dir) == losses(tmp_path / "ref" / "t")
+    assert losses(run_dir) == losses(ref)
 
 
 def test_failures_back_to_back_and_during_a_recovery_are_survived(local_ray, reference, tmp_path):
@@ -148,28 +136,3 @@ def test_failures_back_to_back_and_during_a_recovery_are_survived(local_ray, ref
     assert_bitwise_equal(load_checkpoint(final_checkpoint(reference, STEPS)),
                          load_checkpoint(final_checkpoint(run_dir, STEPS)))
     assert losses(run_dir) == losses(reference)
-
-
-@pytest.fixture(scope="module")
-def reference4(local_ray, tmp_path_factory):
-    """A failure-free run of 4 Ray workers: with more than 2 ranks a torchrun run ends 1 ulp away (see
-    test_ray_cluster.py), so the reference is Ray's own."""
-    root = tmp_path_factory.mktemp("ref4")
-    assert controller(root, "checkpoint.simulate_nodes=3", workers=4) == 0
-    return root / "t"
-
-
-def test_a_kill_then_a_lost_node_on_4_workers_decode_the_lost_blocks_from_parity(local_ray, reference4, tmp_path):
-    # The README's demo at test size: 3 simulated nodes (ranks 0,1 | 2 | 3), k=2, m=1; rank 3 is killed, then
-    # node 0 (its keeper and ranks 0 and 1) is lost: their blocks are decoded from ranks 2, 3 and the parity.
-    faults = "fault.inject=[kill:rank=3:step=2,node:node=0:step=5]"
-    assert controller(tmp_path, faults, "checkpoint.simulate_nodes=3", workers=4) == 0
-    run_dir = tmp_path / "t"
-    recoveries = of(run_dir, "recovery")
-    assert [(r["cause"], r["ranks"], r["nodes"]) for r in recoveries] == [
-        ("dead worker", [3], [2]), ("lost node", [0, 1], [0])], recoveries
-    tiers = restore_tiers(run_dir)
-    assert tiers[0] == ["keeper"] * 4, tiers
-    assert tiers[1] == ["peers (erasure decode)"] * 2 + ["keeper"] * 2, tiers
-    assert_bitwise_equal(load_checkpoint(final_checkpoint(reference4, STEPS)),
-                         load_checkpoint(final_checkpoint(run_dir, STEPS)))
