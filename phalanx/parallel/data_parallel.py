@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -24,8 +24,12 @@ from phalanx.parallel.registry import register
 from phalanx.telemetry import comm, health
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
-# find_unused_parameters is set for its fixed bucket layout (see DDPStrategy), not for unused parameters.
-warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
+# find_unused_parameters is set on CPU for its fixed bucket layout (see DDPStrategy), not for unused
+# parameters. torch warns about it from C++ (each rank, once, in backward), past Python's warning filters:
+# rank 0 says once, beside it, that it is expected.
+_EXPECTED_DDP_WARNING = ("phalanx: DDP on CPU runs with find_unused_parameters=True so that every launch sums "
+                         "gradients in one bucket order (bit-exact resume); torch's warning that it found no "
+                         "unused parameters is expected")
 
 
 class TorchDataParallel:
@@ -166,6 +170,8 @@ class DDPStrategy(TorchDataParallel):
             find_unused_parameters=device.type == "cpu",
             **no_buffer_sync,
         )
+        if device.type == "cpu" and torch.distributed.get_rank() == 0:
+            print(_EXPECTED_DDP_WARNING, file=sys.stderr, flush=True)
         if cfg.parallel.comm_stats or health.HEALTH.enabled:  # counted, and seen by the controller's watchdog
             ddp.register_comm_hook(mesh[DATA_DIM].get_group(), comm.ddp_counting_hook(DATA_DIM))
         return ddp
