@@ -1,11 +1,13 @@
 """The Ray controller on a local Ray cluster (loopback only, no dashboard): a killed worker and a hung rank
 are detected, named and recovered from keeper memory, bit for bit, in every parallel layout; failures back
-to back and during a recovery are survived; too many failures end cleanly, naming the newest checkpoint.
-(A node removed from a 3-node `ray.cluster_utils.Cluster` and rebuilt from parity: test_ray_cluster.py.)"""
+to back and during a recovery are survived; too many failures end cleanly, naming the newest checkpoint; a
+failed rank's slot gets a warm spare. (A node removed from a 3-node `ray.cluster_utils.Cluster` and rebuilt
+from parity: test_ray_cluster.py.)"""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -136,3 +138,45 @@ def test_failures_back_to_back_and_during_a_recovery_are_survived(local_ray, ref
     assert_bitwise_equal(load_checkpoint(final_checkpoint(reference, STEPS)),
                          load_checkpoint(final_checkpoint(run_dir, STEPS)))
     assert losses(run_dir) == losses(reference)
+
+
+# Warm spares (phalanx/launch/standby.py): a failed rank's slot gets its node's spare, already warmed, and a
+# new spare takes its place; GPU bundles get none.
+def test_a_failed_ranks_slot_gets_the_warm_spare_and_a_new_spare_warms(local_ray):
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from phalanx.launch.standby import Standby
+
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+    ray.get(pg.ready(), timeout=60)
+    node_ids = [placement_group_table(pg)["bundles_to_node_id"][i] for i in range(2)]
+    standby = Standby()
+    first: list = []
+    second: list = []
+    try:
+        first = standby.fill([None, None], pg, node_ids)
+        assert len(first) == 2 and list(standby.spares) == [node_ids[0]]  # one node: one spare
+        spare = standby.spares[node_ids[0]]
+        assert ray.get(spare.warm.remote({"OMP_NUM_THREADS": "1"}), timeout=120) is None  # imports done
+        ray.kill(first[1], no_restart=True)
+
+        second = standby.fill([first[0], None], pg, node_ids)
+        assert second[0] is first[0]  # a survivor is kept
+        assert second[1]._actor_id == spare._actor_id  # the dead rank's slot gets the warm spare
+        replacement = standby.spares[node_ids[0]]
+        assert replacement._actor_id != spare._actor_id  # and a new one warms for the next failure
+        assert ray.get(replacement.where.remote(), timeout=60)[0] == node_ids[0]
+    finally:
+        standby.close()
+        for worker in [*first, *second[1:]]:
+            ray.kill(worker, no_restart=True)
+        ray.util.remove_placement_group(pg)
+
+
+def test_gpu_bundles_get_no_spare(local_ray):
+    from phalanx.launch.standby import Standby
+
+    standby = Standby()
+    survivors = [object(), object()]  # no slot to fill: only the spare policy is exercised
+    assert standby.fill(survivors, SimpleNamespace(bundle_specs=[{"GPU": 1, "CPU": 1}] * 2), ["n", "n"]) == survivors
+    assert standby.spares == {}
