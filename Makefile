@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.phalanx-installed
 # The CPU wheel of torch lies on the project's machines' disk; an unpinned torch would pull a CUDA build.
+# --no-compile: Python compiles what is imported on first use, not every file of every wheel at install.
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: venv test demo bench clean
@@ -13,8 +14,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-compile $(TORCH_PIN)
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -64,6 +64,10 @@ def run_phalanx(args: list[str], nproc: int = 1, timeout: float = 300, threads: 
                           text=True, timeout=timeout)
 
 
+# The tests' worlds are 1 to 4 ranks: one pool of 4 serves them all.
+POOL_SIZE = 4
+
+
 def _train_rank(config: str, overrides: list[str]) -> None:
     from phalanx.config import load_config
     from phalanx.launch.run import run_rank
@@ -81,7 +85,7 @@ def train_local(config: str, overrides: list[str], world: int = 1) -> None:
     reference runs."""
     from phalanx.parallel.local_ranks import run_local
 
-    run_local(_train_rank, world, str(config), list(overrides))
+    run_local(_train_rank, world, str(config), list(overrides), pool_size=POOL_SIZE)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -69,7 +69,7 @@ class LocalRanks:
     creates and may destroy its process group; one left open is destroyed after the call. A call that fails
     or outlives `timeout_s` closes the pool (its other ranks may wait in a collective with the failed one)."""
 
-    def __init__(self, size: int = 4, timeout_s: float = 600.0) -> None:
+    def __init__(self, size: int, timeout_s: float = 600.0) -> None:
         self.size, self.timeout_s = size, timeout_s
         context = mp.get_context("spawn")
         self.conns, self.procs = [], []
@@ -126,12 +126,13 @@ class LocalRanks:
 _SHARED: Optional[LocalRanks] = None
 
 
-def run_local(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1) -> Any:
-    """`fn(*args)` on `world` local ranks of this process's shared pool (started on first use, restarted
-    after a failed call); rank 0's return value."""
+def run_local(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1, pool_size: int = 0) -> Any:
+    """`fn(*args)` on `world` local ranks of this process's shared pool (started on first use with
+    max(world, pool_size) ranks, restarted larger when a call needs more, and after a failed call);
+    rank 0's return value."""
     global _SHARED
     if _SHARED is None or not _SHARED.alive or _SHARED.size < world:
         if _SHARED is not None:
             _SHARED.close()
-        _SHARED = LocalRanks(size=max(4, world))
+        _SHARED = LocalRanks(size=max(world, pool_size))
     return _SHARED.run(fn, world, *args, threads=threads)

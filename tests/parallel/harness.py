@@ -23,7 +23,7 @@ from phalanx.parallel.local_ranks import run_local
 from phalanx.parallel.expert import moe_metrics
 from phalanx.telemetry import comm
 from phalanx.trainer import Trainer
-from tests.helpers import CONFIG, TINY
+from tests.helpers import CONFIG, POOL_SIZE, TINY
 
 
 def _clean(name: str) -> str:
@@ -74,7 +74,7 @@ def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
 
 def spawn(fn: Callable[..., Any], world: int, *args: Any) -> Any:
     """Run `fn(*args)` on `world` local ranks (RANK etc. set, loopback); rank 0's return value."""
-    return run_local(fn, world, *args)
+    return run_local(fn, world, *args, pool_size=POOL_SIZE)
 
 
 def spawn_one_step(overrides: list[str], world: int) -> dict:
