@@ -58,6 +58,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+START_TIMEOUT_S = 300.0
+
+
 def start_process_groups(cfg, rank_order: Callable[[int, int], tuple[str, ...]]) -> DistContext:
     """Start the default process group (gloo on CPU, NCCL on CUDA) and the device mesh, if world > 1.
 
@@ -68,12 +71,17 @@ def start_process_groups(cfg, rank_order: Callable[[int, int], tuple[str, ...]])
     ctx = DistContext(rank, world, local_rank, device)
     if world > 1:
         if not dist.is_initialized():
-            timeout = datetime.timedelta(seconds=cfg.fault.collective_timeout_s)
+            # Ranks reach the rendezvous at different times (imports, a restore, a loaded machine), so the
+            # start waits up to START_TIMEOUT_S; from then on a collective times out after
+            # fault.collective_timeout_s, which may be seconds (that is how a hang is named).
+            collective = datetime.timedelta(seconds=cfg.fault.collective_timeout_s)
+            start = max(collective, datetime.timedelta(seconds=START_TIMEOUT_S))
             dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                backend="nccl" if device.type == "cuda" else "gloo", timeout=start,
                 device_id=device if device.type == "cuda" else None,
-                store=rendezvous_store(rank, world, timeout), rank=rank, world_size=world,
+                store=rendezvous_store(rank, world, start), rank=rank, world_size=world,
             )
+            dist.distributed_c10d._set_pg_timeout(collective)
         from phalanx.parallel.mesh import ParallelDims
 
         p = cfg.parallel
