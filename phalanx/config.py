@@ -132,7 +132,9 @@ class CheckpointConfig:
     simulate_nodes: int = 0  # tests and demos: ranks in this many contiguous blocks, one keeper each
     keeper_host: str = "auto"  # address keepers bind; auto: loopback for a local run, else the route to MASTER_ADDR
     keeper_dir: str = ""  # keeper memory and discovery files; "": /dev/shm/phalanx-UID (tmpfs)
-    keeper_linger_s: float = 600.0  # a keeper with no trainer for this long frees its memory and exits
+    # a keeper a trainer started (torchrun) frees its memory and exits after this long without a trainer;
+    # `phalanx ray` holds its nodes' keepers for the whole run (a replacement node may take longer)
+    keeper_linger_s: float = 600.0
     # Persisted manifests are signed with a key derived from the run's secret, and a checkpoint not signed by it
     # is refused (README, "Threat model"). The secret: PHALANX_RUN_SECRET, else key_file, else the run folder's.
     sign: bool = True

@@ -5,6 +5,7 @@ the controller: `import phalanx` never imports ray."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -15,9 +16,12 @@ import ray
 
 @ray.remote(num_cpus=0)
 class KeeperActor:
-    """Serves snapshot memory on its node until killed; losing the node loses it, as it should."""
+    """Serves snapshot memory on its node until the controller kills it (at the run's end) or the node
+    goes; losing the node loses it, as it should. It never lingers out: between attempts no trainer is
+    attached, and a replacement node may take longer than checkpoint.keeper_linger_s to arrive
+    (fault.wait_for_nodes_s), but the memory it holds is what the next attempt restores from."""
 
-    def __init__(self, run_id: str, node: int, secret_hex: str, host: str, keeper_dir: str, linger_s: float):
+    def __init__(self, run_id: str, node: int, secret_hex: str, host: str, keeper_dir: str):
         from phalanx.checkpoint.keeper import Keeper, discovery_file
         from phalanx.checkpoint.link import default_keeper_dir
 
@@ -25,9 +29,10 @@ class KeeperActor:
         # on other nodes reach; the driver cannot decide it, it may not be on this node at all
         host = ray.util.get_node_ip_address() if host == "auto" else host
         keeper_dir = keeper_dir or default_keeper_dir()  # where this node's trainers look (same rule)
-        self.keeper = Keeper(run_id, node, bytes.fromhex(secret_hex), host, keeper_dir, linger_s)
+        self.keeper = Keeper(run_id, node, bytes.fromhex(secret_hex), host, keeper_dir, linger_s=math.inf)
         self.discovery = discovery_file(keeper_dir, run_id, node)
-        threading.Thread(target=self.keeper.serve, daemon=True).start()
+        self.serving = threading.Thread(target=self.keeper.serve, daemon=True)
+        self.serving.start()
 
     def alive(self) -> int:
         """An answer at once: the actor, and so its node, is up (whether the keeper still serves or the
@@ -36,17 +41,18 @@ class KeeperActor:
 
     def ping(self) -> int:
         """The keeper's pid, once it listens: a trainer that looked for it earlier would find no discovery
-        file and start a keeper of its own for the node."""
+        file and start a keeper of its own for the node. Raises when it does not serve (it stopped: a
+        trainer released it), so the controller starts another."""
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while self.serving.is_alive() and time.monotonic() < deadline:
             try:
                 with open(self.discovery) as f:
                     if json.load(f).get("pid") == os.getpid():
-                        break
+                        return os.getpid()
             except (OSError, ValueError):
                 pass
             time.sleep(0.01)
-        return os.getpid()
+        raise RuntimeError(f"the keeper of node {self.keeper.node} does not serve (discovery file {self.discovery})")
 
 
 @ray.remote(max_concurrency=4)  # heartbeats are answered while `run` trains
@@ -63,8 +69,9 @@ class TrainWorker:
         with bound_socket(ray.util.get_node_ip_address(), 0) as s:
             return s.getsockname()[1]
 
-    def run(self, config_path: str, overrides: list[str], env: dict[str, str]) -> int:
-        """One rank of `phalanx train CONFIG OVERRIDES`; returns its exit code (a user error: printed, like the CLI)."""
+    def run(self, config_path: str, overrides: list[str], env: dict[str, str]) -> tuple[int, str]:
+        """One rank of `phalanx train CONFIG OVERRIDES`: its exit code and, for a user error (printed, like
+        the CLI), its message, which the controller's failure names."""
         os.environ.update(env)
         from phalanx.errors import PhalanxError
         from phalanx.telemetry import health
@@ -76,9 +83,9 @@ class TrainWorker:
         from phalanx.parallel.dist import env_world
 
         try:
-            return run_rank(validate(load_config(config_path, overrides), env_world()[1]))
+            return run_rank(validate(load_config(config_path, overrides), env_world()[1])), ""
         except PhalanxError as err:
-            return report_error(err)
+            return report_error(err), str(err)
 
     def warm(self, env: dict[str, str]) -> None:
         """A spare's imports, done before it replaces a failed rank (`standby.py`), with `run`'s environment."""

@@ -26,6 +26,20 @@ def newest_checkpoint(cfg: Any, run_dir: str) -> str:
             else "no persisted checkpoint exists yet")
 
 
+def keep_nodes(bundle_nodes: list[str], previous: list[str]) -> list[int]:
+    """The bundle of each rank: one on the node the rank had in the last attempt when the new placement
+    has one there (its keeper holds the rank's snapshots, restored from memory at no network cost), else
+    the free bundles in order. `previous`: the Ray node of each rank ([]: the first attempt)."""
+    free = list(range(len(bundle_nodes)))
+    bundles: list[Optional[int]] = [None] * len(bundle_nodes)
+    for rank, node_id in enumerate(previous[: len(bundle_nodes)]):
+        same = next((b for b in free if bundle_nodes[b] == node_id), None)
+        if same is not None:
+            bundles[rank] = same
+            free.remove(same)
+    return [b if b is not None else free.pop(0) for b in bundles]
+
+
 class AttemptLauncher:
     """Places and starts the workers of each attempt; holds the node keepers between attempts."""
 
@@ -35,8 +49,9 @@ class AttemptLauncher:
         self.keepers: dict[int, Any] = {}  # node index -> KeeperActor
         self.standby = Standby()  # a warm spare worker per node replaces a failed rank
 
-    def place(self) -> tuple[Any, list[str]]:
-        """A placement group of one bundle per worker (spread over the nodes), and the Ray node of each."""
+    def place(self, previous: list[str]) -> tuple[Any, list[str], list[int]]:
+        """A placement group of one bundle per worker (spread over the nodes), the Ray node of each rank and
+        its bundle: ranks stay on the nodes they had (`previous`, `keep_nodes`) where the group has room."""
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
@@ -50,7 +65,8 @@ class AttemptLauncher:
                                f"fault.wait_for_nodes_s={self.cfg.fault.wait_for_nodes_s:.0f}s; "
                                f"{newest_checkpoint(self.cfg, self.run_dir)}; add nodes or lower --workers")
         nodes = placement_group_table(pg)["bundles_to_node_id"]
-        return pg, [nodes[i] for i in range(self.workers)]
+        bundles = keep_nodes([nodes[i] for i in range(self.workers)], previous)
+        return pg, [nodes[b] for b in bundles], bundles
 
     def keeper(self, node_id: str, node: int) -> None:
         """A keeper actor on Ray node `node_id` for node index `node`, unless one there answers."""
@@ -71,11 +87,10 @@ class AttemptLauncher:
         run_id, secret = run_identity(self.run_dir, c.key_file)
         self.keepers[node] = KeeperActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
-            run_id, node, secret.hex(), c.keeper_host, c.keeper_dir,
-            c.keeper_linger_s)
+            run_id, node, secret.hex(), c.keeper_host, c.keeper_dir)
         ray.get(self.keepers[node].ping.remote(), timeout=60)
 
-    def start(self, attempt: int, pg: Any, node_ids: list[str], workers: list[Optional[Any]]
+    def start(self, attempt: int, pg: Any, node_ids: list[str], bundles: list[int], workers: list[Optional[Any]]
                ) -> tuple[list[Any], list[int], list[Any]]:
         """Keepers on every node, a worker in every bundle (survivors of the last attempt are reused:
         their processes have torch imported and cost no start), then every rank's `phalanx train`."""
@@ -90,7 +105,7 @@ class AttemptLauncher:
         nodes = [rank * simulate // self.workers for rank in range(self.workers)] if simulate else ray_nodes
         for node in sorted(set(nodes)):
             self.keeper(node_ids[nodes.index(node)], node)
-        workers = self.standby.fill(workers, pg, node_ids)
+        workers = self.standby.fill(workers, pg, node_ids, bundles)
         master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
         port = ray.get(workers[0].free_port.remote(), timeout=60)
         overrides = [*self.overrides, f"run.name={os.path.basename(self.run_dir)}",

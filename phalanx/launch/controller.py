@@ -46,12 +46,12 @@ def _rank_end(rank: int, future: Any) -> RankEnd:
     from ray.exceptions import RayActorError
 
     try:
-        code = ray.get(future)
+        code, message = ray.get(future)
     except RayActorError:
         return RankEnd(rank, died=True)
     except Exception as err:  # the trainer raised: a peer's death, or a real error
         return RankEnd(rank, error=str(err).strip() or repr(err))
-    return RankEnd(rank, code=code)
+    return RankEnd(rank, code=code, message=message)
 
 
 class Controller:
@@ -251,7 +251,7 @@ class Controller:
         from phalanx.launch.actors import alive_nodes, kill
 
         restarts, failure, last_step = 0, None, 0
-        pg, node_ids = None, []
+        pg, node_ids, bundles = None, [], []
         workers: list[Optional[Any]] = [None] * self.workers
         launched = time.time()
         try:
@@ -262,9 +262,9 @@ class Controller:
                         ray.util.remove_placement_group(pg)  # bundles on a dead node: place again
                         pg, workers = None, [None] * self.workers
                     if pg is None:
-                        pg, node_ids = self.attempts.place()
+                        pg, node_ids, bundles = self.attempts.place(node_ids)
                     self.node_ids, self.lost_nodes = list(node_ids), set()
-                    workers, nodes, futures = self.attempts.start(restarts, pg, node_ids, workers)
+                    workers, nodes, futures = self.attempts.start(restarts, pg, node_ids, bundles, workers)
                     self._watch(workers, nodes, futures, None if failure is None else (failure, last_step))
                     append_event(self.run_dir, "controller_done", restarts=restarts)
                     print(f"phalanx ray: finished after {restarts} recoveries", flush=True)

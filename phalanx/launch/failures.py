@@ -46,12 +46,14 @@ class Failure(Exception):
 
 @dataclass(frozen=True)
 class RankEnd:
-    """How one rank's run ended: its exit code, the text of the error its trainer raised, or its actor died."""
+    """How one rank's run ended: its exit code (with the message of a user error), the text of the error
+    its trainer raised, or its actor died."""
 
     rank: int
     code: Optional[int] = None
     error: Optional[str] = None
     died: bool = False
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _judge_end(reports: Reports, end: RankEnd) -> Optional[Failure]:
         return Failure("worker error", [rank], [nodes[rank]], reports.last_seen[rank], error_line(end.error),
                        _detected(reports))
     if end.code != 0:
-        return Failure("worker exit", [rank], [nodes[rank]], reports.last_seen[rank], f"exit code {end.code}",
+        return Failure("worker exit", [rank], [nodes[rank]], reports.last_seen[rank], f"exit code {end.code}" + (f": {error_line(end.message)}" if end.message else ""),
                        _detected(reports))
     return None
 

@@ -19,9 +19,10 @@ class Standby:
     def __init__(self) -> None:
         self.spares: dict[str, Any] = {}  # Ray node id -> warm TrainWorker
 
-    def fill(self, workers: list[Optional[Any]], pg: Any, node_ids: list[str]) -> list[Any]:
+    def fill(self, workers: list[Optional[Any]], pg: Any, node_ids: list[str], bundles: list[int]) -> list[Any]:
         """`workers` with every empty slot filled: the node's spare when it is alive, else a new worker in
-        the slot's bundle. Then a new spare warms on every node that has none."""
+        the slot's bundle (`bundles[i]`, on node `node_ids[i]`). Then a new spare warms on every node that
+        has none."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from phalanx.launch.actors import TrainWorker
@@ -31,7 +32,7 @@ class Standby:
             if worker is None:
                 worker = self._take(node_ids[i])
             if worker is None:
-                worker = TrainWorker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
+                worker = TrainWorker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, bundles[i])).remote()
             filled.append(worker)
         if not any(spec.get("GPU") for spec in pg.bundle_specs):
             for node_id in sorted(set(node_ids) - set(self.spares)):

@@ -97,11 +97,13 @@ def test_a_worker_error_of_its_own_is_its_error_line():
 
 
 def test_a_non_zero_exit_is_a_worker_exit():
-    # a user error in a worker (PhalanxError: one printed line, its exit code) ends this way too
-    failure = judged(reports(ended=RankEnd(1, code=2)), {})
+    # a user error in a worker (PhalanxError: one printed line, its exit code) ends this way too, and the
+    # failure says what the rank printed
+    failure = judged(reports(ended=RankEnd(1, code=2, message="keeper 127.0.0.1:5 refused 'fetch': no block")), {})
     assert failure.asked == []
-    assert (failure.cause, failure.ranks, failure.nodes, failure.detail) == ("worker exit", [1], [0], "exit code 2")
-    assert str(failure) == "worker exit: rank(s) [1] on node(s) [0] — exit code 2"
+    assert (failure.cause, failure.ranks, failure.nodes) == ("worker exit", [1], [0])
+    assert str(failure) == ("worker exit: rank(s) [1] on node(s) [0] — exit code 2: "
+                            "keeper 127.0.0.1:5 refused 'fetch': no block")
 
 
 def test_a_rank_that_finished_well_is_no_failure():

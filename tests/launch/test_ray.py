@@ -154,13 +154,13 @@ def test_a_failed_ranks_slot_gets_the_warm_spare_and_a_new_spare_warms(local_ray
     first: list = []
     second: list = []
     try:
-        first = standby.fill([None, None], pg, node_ids)
+        first = standby.fill([None, None], pg, node_ids, [0, 1])
         assert len(first) == 2 and list(standby.spares) == [node_ids[0]]  # one node: one spare
         spare = standby.spares[node_ids[0]]
         assert ray.get(spare.warm.remote({"OMP_NUM_THREADS": "1"}), timeout=120) is None  # imports done
         ray.kill(first[1], no_restart=True)
 
-        second = standby.fill([first[0], None], pg, node_ids)
+        second = standby.fill([first[0], None], pg, node_ids, [0, 1])
         assert second[0] is first[0]  # a survivor is kept
         assert second[1]._actor_id == spare._actor_id  # the dead rank's slot gets the warm spare
         replacement = standby.spares[node_ids[0]]
@@ -178,5 +178,6 @@ def test_gpu_bundles_get_no_spare(local_ray):
 
     standby = Standby()
     survivors = [object(), object()]  # no slot to fill: only the spare policy is exercised
-    assert standby.fill(survivors, SimpleNamespace(bundle_specs=[{"GPU": 1, "CPU": 1}] * 2), ["n", "n"]) == survivors
+    assert standby.fill(survivors, SimpleNamespace(bundle_specs=[{"GPU": 1, "CPU": 1}] * 2), ["n", "n"],
+                        [0, 1]) == survivors
     assert standby.spares == {}
