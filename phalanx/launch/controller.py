@@ -40,6 +40,19 @@ def _done(future: Any) -> bool:
     return bool(ray.wait([future], timeout=0)[0])
 
 
+def _settle(futures: list[Any]) -> None:
+    """Take the ends of an attempt's runs (the failure is judged already; a stopped rank's error is its
+    echo), so Ray does not print each unread one as an 'Unhandled error' traceback later."""
+    import ray
+
+    done, _ = ray.wait(futures, num_returns=len(futures), timeout=2.0) if futures else ([], [])
+    for future in done:
+        try:
+            ray.get(future)
+        except Exception:  # read to be settled, not judged
+            pass
+
+
 def _rank_end(rank: int, future: Any) -> RankEnd:
     """How the run of `rank` ended, from its finished future."""
     import ray
@@ -104,6 +117,7 @@ class Controller:
                 continue
             kill(worker)
             keep[rank] = None
+        _settle(futures)
         return keep
 
     def _watch(self, workers: list[Any], nodes: list[int], futures: list[Any],
