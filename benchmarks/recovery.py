@@ -77,7 +77,7 @@ def start_ray(num_cpus: int) -> None:
     """A new local Ray instance that binds and advertises 127.0.0.1 only (`phalanx ray`'s own start)."""
     import ray
 
-    from phalanx.launch.controller import start_local_ray
+    from phalanx.launch.ray_setup import start_local_ray
 
     start_local_ray(num_cpus=num_cpus, log_to_driver=False)
     addresses = {n["NodeManagerAddress"] for n in ray.nodes()}

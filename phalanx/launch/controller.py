@@ -27,8 +27,7 @@ from phalanx.events import append_event, read_events
 from phalanx.faults import fired, parse_injection
 from phalanx.launch.attempt import AttemptLauncher, newest_checkpoint
 from phalanx.launch.failures import Failure, RankEnd, Reports, classify_failure, next_question
-from phalanx.launch.failures import error_line as _error_line  # noqa: F401  (the name tests/launch use)
-from phalanx.launch.ray_setup import connect, loopback_only, start_local_ray  # noqa: F401  (importers of launch.controller)
+from phalanx.launch.ray_setup import connect
 from phalanx.launch.recovery import recovery_line, recovery_record
 from phalanx.launch.timeline import timeline
 from phalanx.launch.watchdog import find_stragglers

@@ -126,6 +126,9 @@ def test_error_lines():
            "RuntimeError: Got the following error when running the callback: RuntimeError: Application "
            "timeout caused pair closure\n\nAt:\n  default_hooks.py(31): <lambda>")
     assert error_line(ddp).endswith("Application timeout caused pair closure")
+    # an exception's text, with torch's `At:` frames after the error line more than once
+    frames = RuntimeError(ddp + "\n\n\nAt:\n  comm.py(96): done")
+    assert error_line(frames).endswith("Application timeout caused pair closure")
     assert error_line(ValueError("plain message")) == "plain message"
     assert error_line(RuntimeError()) == "RuntimeError()"
     assert len(error_line("x" * 1000)) == 300

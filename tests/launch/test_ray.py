@@ -24,7 +24,7 @@ BASE = [f"train.steps={STEPS}", "train.batch_size=8", "train.micro_batch_size=2"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from phalanx.launch.controller import start_local_ray
+    from phalanx.launch.ray_setup import start_local_ray
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     start_local_ray(num_cpus=4, log_to_driver=False)

@@ -35,7 +35,7 @@ NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": Fals
 def cluster(monkeypatch):
     from ray.cluster_utils import Cluster
 
-    from phalanx.launch.controller import loopback_only
+    from phalanx.launch.ray_setup import loopback_only
 
     assert not ray.is_initialized()
     loopback_only()

@@ -53,14 +53,3 @@ def test_bad_injections_are_refused_with_the_fix(spec, words):
 def test_injections_parse():
     assert parse_injection("slow:rank=1:step=3:factor=2.5").factor == 2.5
     assert parse_injection("node:node=2:step=7").node == 2
-
-
-def test_a_worker_errors_reason_is_its_error_line_not_torchs_trailing_frames():
-    from phalanx.launch.controller import _error_line
-
-    ddp = RuntimeError("Traceback (most recent call last):\n  File \"trainer.py\", line 221, in forward_backward\n"
-                       "RuntimeError: Got the following error when running the callback: RuntimeError: Application "
-                       "timeout caused pair closure\n\nAt:\n  default_hooks.py(31): <lambda>\n\n\nAt:\n  comm.py(96): done")
-    assert _error_line(ddp).endswith("Application timeout caused pair closure")
-    assert _error_line(ValueError("plain message")) == "plain message"
-    assert len(_error_line(RuntimeError("x" * 1000))) == 300
