@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from phalanx.checkpoint.collectives import CheckpointCollectives
+from phalanx.checkpoint.copies import StateFn
 from phalanx.checkpoint.erasure import ErasureCodec
 from phalanx.checkpoint.measure import Measurement
 from phalanx.checkpoint.peers import PeerKeepers
@@ -19,8 +20,6 @@ from phalanx.checkpoint.restore_plan import RestorePlan, plan_restore
 from phalanx.checkpoint.slots import KeeperSlots
 from phalanx.checkpoint.untrusted import CheckpointRefused
 from phalanx.errors import PhalanxError
-
-StateFn = Callable[[], dict[str, Any]]
 
 
 class Restorer:
