@@ -133,7 +133,8 @@ def stall_phalanx_unoverlapped(trainer: Trainer, reps: int) -> dict[str, list[fl
     parts: dict[str, list[float]] = {k: [] for k in ("snapshot", "wait_copied", "total", "state_dict",
                                                      "layout_matches", "keeper_rpc", "skeleton_json",
                                                      "tensor_lists", "copy_1_thread")}
-    scratch = torch.empty(engine.layout.nbytes, dtype=torch.uint8)
+    layout = engine.measured.layout
+    scratch = torch.empty(layout.nbytes, dtype=torch.uint8)
 
     def timed(key: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -156,10 +157,10 @@ def stall_phalanx_unoverlapped(trainer: Trainer, reps: int) -> dict[str, list[fl
         parts["wait_copied"].append(end - mid)
         parts["total"].append(end - start)
         state = timed("state_dict", engine.state_fn)
-        timed("layout_matches", lambda: engine.layout.matches(state))
-        timed("keeper_rpc", lambda: engine._call("hello"))  # one round trip, as `begin` is
-        timed("skeleton_json", lambda: engine.layout.write_skeleton(scratch, state))
-        sources, views = timed("tensor_lists", lambda: (engine.layout.tensors(state), engine.layout.views(scratch)))
+        timed("layout_matches", lambda: layout.matches(state))
+        timed("keeper_rpc", lambda: engine.slots.call("hello"))  # one round trip, as `begin` is
+        timed("skeleton_json", lambda: layout.write_skeleton(scratch, state))
+        sources, views = timed("tensor_lists", lambda: (layout.tensors(state), layout.views(scratch)))
         timed("copy_1_thread", lambda: [v.copy_(s.detach()) for v, s in zip(views, sources)])
     return parts
 
@@ -208,10 +209,9 @@ def snapshot_matches_state(trainer: Trainer) -> bool:
     from phalanx.checkpoint.flat import flatten_state_dict
 
     engine = trainer.snapshots
-    step = engine.finish()
-    with engine.lock:
-        _, data = engine.keeper.call("fetch", rank=trainer.ctx.rank, step=step, limit=engine.layout.nbytes)
-    held, _ = flatten_state_dict(engine.layout.unpack(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+    step, layout = engine.finish(), engine.measured.layout
+    _, data = engine.slots.request("fetch", rank=trainer.ctx.rank, step=step, limit=layout.nbytes)
+    held, _ = flatten_state_dict(layout.unpack(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
     live, _ = flatten_state_dict(trainer.state_dict())
     same = set(held) == set(live)
     for key, value in live.items():
@@ -337,7 +337,7 @@ def main() -> None:
         params = sum(p.numel() for p in trainer.model.parameters())
         for _ in range(2):  # warm-up: AdamW state exists from the first step on
             train_step(trainer)
-        state_bytes = engine.layout.nbytes
+        state_bytes = engine.measured.layout.nbytes
         print(f"model {params / 1e6:.1f}M parameters; checkpoint state {state_bytes / 2**20:.0f} MiB "
               f"(weights + AdamW moments); torch threads {torch.get_num_threads()}", flush=True)
 
@@ -349,7 +349,7 @@ def main() -> None:
         saved = stall_torch_save(trainer, folder, args.reps)
         dcp_stall, dcp_done = stall_dcp_async(trainer, folder, args.reps)
         direct = stall_phalanx_unoverlapped(trainer, args.reps)
-        pinned = len(engine._pinned)  # keeper slots page-locked for device-to-host copies (GPU)
+        pinned = len(engine.slots.pinned)  # keeper slots page-locked for device-to-host copies (GPU)
         matches = snapshot_matches_state(trainer)
         print(f"newest snapshot read back from the keeper equals the live state bit for bit: {matches}", flush=True)
     finally:

@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from phalanx.checkpoint.collectives import CheckpointCollectives, checkpoint_group, node_ids
+from phalanx.checkpoint.collectives import CheckpointCollectives, node_ids
 from phalanx.checkpoint.commit import SnapshotCommit
 from phalanx.checkpoint.copies import SlotCopier, SnapshotSources, StateFn
 from phalanx.checkpoint.erasure import ErasureCodec
-from phalanx.checkpoint.flat import FlatLayout
 from phalanx.checkpoint.groups import erasure_groups
 from phalanx.checkpoint.link import run_identity
 from phalanx.checkpoint.measure import Measurement, measure
@@ -43,9 +42,6 @@ from phalanx.errors import PhalanxError
 
 if TYPE_CHECKING:
     from phalanx.parallel.dist import DistContext
-
-__all__ = ["SnapshotEngine", "checkpoint_group", "node_ids"]
-
 
 class SnapshotEngine:
     """One per rank. Collective methods (setup, restore, persist_and_wait, close) are called by every rank together."""
@@ -92,36 +88,6 @@ class SnapshotEngine:
 
     def _emit(self, kind: str, **fields: Any) -> None:
         self.event(kind, **fields)  # looked up per call: a failed run's close() silences the parts at once
-
-    # ---- what the parts hold -------------------------------------------------------------
-    # (also reached by benchmarks/checkpoint.py, which times a keeper round trip and counts pinned slots)
-
-    @property
-    def layout(self) -> Optional[FlatLayout]:
-        return self.measured.layout if self.measured is not None else None
-
-    @property
-    def keeper(self) -> Any:
-        return self.slots.keeper
-
-    @property
-    def lock(self) -> threading.Lock:
-        return self.slots.lock
-
-    @property
-    def committed(self) -> Optional[int]:
-        return self.commit.committed
-
-    @property
-    def last_error(self) -> Optional[str]:
-        return self.commit.last_error
-
-    @property
-    def _pinned(self) -> list[int]:
-        return self.slots.pinned
-
-    def _call(self, op: str, **fields: Any) -> dict[str, Any]:
-        return self.slots.call(op, **fields)
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -243,7 +209,8 @@ class SnapshotEngine:
         if self.finish() != step:
             self.snapshot(step)
             if self.finish() != step:
-                raise PhalanxError(f"the snapshot of step {step} did not commit ({self.last_error}); see events.jsonl")
+                raise PhalanxError(f"the snapshot of step {step} did not commit ({self.commit.last_error}); "
+                                   f"see events.jsonl")
         return self.persist.persist_and_wait(step)
 
     def restore(self, template_fn: StateFn) -> tuple[Optional[dict[str, Any]], Optional[int], dict[str, Any]]:

@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phalanx.checkpoint.collectives import checkpoint_group as snapshot_group
 from phalanx.checkpoint.snapshot import SnapshotEngine
-from phalanx.checkpoint.snapshot import checkpoint_group as snapshot_group
 from phalanx.config import PhalanxConfig
 from phalanx.data import DataPosition, build_dataset
 from phalanx.events import append_event
@@ -33,8 +33,9 @@ from phalanx.models import build_on_meta, flops_per_token, materialize
 from phalanx.parallel import registry
 from phalanx.parallel.dist import DistContext, broadcast_object
 from phalanx.parallel.expert import moe_layers, moe_metrics
+from phalanx.parallel.layout import Layout
 from phalanx.parallel.mesh import DATA_DIM
-from phalanx.parallel.pipeline import num_stages, pipeline_microbatches
+from phalanx.parallel.pipeline import num_stages
 from phalanx.telemetry import comm, health
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.hooks import Hooks, StepInfo, StepTimer, due
@@ -93,9 +94,9 @@ class Trainer:
             # only here: torch.distributed.pipelining imports torch._dynamo, 0.5 s of every rank's start
             from phalanx.parallel.pipeline_schedule import PipelineRunner
 
+            microbatches = Layout.from_config(cfg).pipeline_microbatches(cfg.train.batch_size)
             self.pipeline = PipelineRunner(stages, plans, num_stages(cfg.parallel), cfg.parallel.pp_schedule,
-                                           pipeline_microbatches(cfg, cfg.parallel.dp), ctx.mesh["pp"].get_group(),
-                                           self.device, cross_entropy)
+                                           microbatches, ctx.mesh["pp"].get_group(), self.device, cross_entropy)
         else:
             model = stages[0]
         if cfg.train.compile:

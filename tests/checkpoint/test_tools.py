@@ -123,7 +123,7 @@ def test_ls_shows_steps_in_a_live_keeper(tmp_path):
             trainer.snapshots.snapshot(trainer.step)
         trainer.snapshots.finish()
         listed = rows(trainer.run_dir, "keeper")
-        block = tools.human_bytes(trainer.snapshots.layout.nbytes)  # the keeper slot of rank 0
+        block = tools.human_bytes(trainer.snapshots.measured.layout.nbytes)  # the keeper slot of rank 0
         assert "in memory" in listed["2"] and "keeper (node 0)" in listed["2"] and block in listed["2"], listed
         assert "no live keeper" not in tools.list_checkpoints(trainer.run_dir)
     finally:
