@@ -126,7 +126,8 @@ def _judge_end(reports: Reports, end: RankEnd) -> Optional[Failure]:
         return Failure("worker error", [rank], [nodes[rank]], reports.last_seen[rank], error_line(end.error),
                        _detected(reports))
     if end.code != 0:
-        return Failure("worker exit", [rank], [nodes[rank]], reports.last_seen[rank], f"exit code {end.code}" + (f": {error_line(end.message)}" if end.message else ""),
+        said = f": {error_line(end.message)}" if end.message else ""
+        return Failure("worker exit", [rank], [nodes[rank]], reports.last_seen[rank], f"exit code {end.code}{said}",
                        _detected(reports))
     return None
 

@@ -104,7 +104,8 @@ class PipelineRunner:
         fn(*args, **kwargs)
 
     def take_timing(self) -> tuple[float, float, int]:
-        """(busy, wall) seconds of this rank's stages and the schedule runs since the last call."""
+        """(busy, wall, runs) since the last call: seconds this rank's stages computed, seconds the schedule ran,
+        and how many schedule runs that was."""
         busy = sum(stage.busy for stage in self.stages)
         out = (busy, self.wall, self.runs)
         for stage in self.stages:

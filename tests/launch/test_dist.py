@@ -74,7 +74,7 @@ def test_a_killed_rank_ends_every_other_ranks_run_at_once_not_after_the_collecti
     """4 ranks whose processes outlive their runs, as Ray workers do (nothing kills the rest, and exiting
     would close their sockets anyway): rank 3 is SIGKILLed after step 3. Every survivor's run must fail
     within seconds, not wait out fault.collective_timeout_s=120 in a collective with a peer that failed
-    but still holds its process groups: a failed rank lets them go (`cli._train`, `SnapshotEngine.close`)."""
+    but still holds its process groups: a failed rank lets them go (`launch.run.run_rank`, `SnapshotEngine.close`)."""
     import subprocess
     import sys
     import threading
