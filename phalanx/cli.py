@@ -69,16 +69,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from phalanx.config import load_config, to_yaml
-    from phalanx.launch.run import run_rank
-    from phalanx.parallel import validate
+    from phalanx.config import to_yaml
+    from phalanx.launch.run import rank_config, run_rank
     from phalanx.parallel.dist import env_world
 
-    cfg = load_config(args.config, args.overrides)
-    rank, world, _ = env_world()
-    validate(cfg, world)
+    cfg = rank_config(args.config, args.overrides)
     if args.print_config:
-        if rank == 0:
+        if env_world()[0] == 0:
             print(to_yaml(cfg), end="")
         return 0
     return run_rank(cfg)

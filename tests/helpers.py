@@ -69,14 +69,9 @@ POOL_SIZE = 4
 
 
 def _train_rank(config: str, overrides: list[str]) -> None:
-    from phalanx.config import load_config
-    from phalanx.launch.run import run_rank
-    from phalanx.parallel import validate
-    from phalanx.parallel.dist import env_world
+    from phalanx.launch.run import rank_config, run_rank
 
-    cfg = load_config(config, overrides)
-    validate(cfg, env_world()[1])
-    run_rank(cfg)
+    run_rank(rank_config(config, overrides))
 
 
 def train_local(config: str, overrides: list[str], world: int = 1) -> None:

@@ -77,13 +77,10 @@ class TrainWorker:
         from phalanx.telemetry import health
 
         health.HEALTH = health.Health(enabled=True)  # a reused worker starts counting afresh
-        from phalanx.config import load_config
-        from phalanx.launch.run import report_error, run_rank
-        from phalanx.parallel import validate
-        from phalanx.parallel.dist import env_world
+        from phalanx.launch.run import rank_config, report_error, run_rank
 
         try:
-            return run_rank(validate(load_config(config_path, overrides), env_world()[1])), ""
+            return run_rank(rank_config(config_path, overrides)), ""
         except PhalanxError as err:
             return report_error(err), str(err)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
 from phalanx.errors import ConfigError, PhalanxError
 from phalanx.parallel.dist import DistContext, broadcast_object, env_world, shutdown, start_process_groups
+
+if TYPE_CHECKING:
+    from phalanx.config import PhalanxConfig
 
 
 def init_distributed(cfg) -> DistContext:
@@ -15,6 +19,15 @@ def init_distributed(cfg) -> DistContext:
     from phalanx.planner.placement import mesh_order
 
     return start_process_groups(cfg, lambda world, per_node: mesh_order(cfg, world, per_node))
+
+
+def rank_config(config_path: str, overrides: list[str]) -> PhalanxConfig:
+    """The config of this rank's run: `config_path` with `overrides`, validated for the world size of the
+    launcher's environment (torchrun's, or the Ray controller's)."""
+    from phalanx.config import load_config
+    from phalanx.parallel import validate
+
+    return validate(load_config(config_path, overrides), env_world()[1])
 
 
 def run_rank(cfg) -> int:
