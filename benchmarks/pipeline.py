@@ -36,17 +36,11 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from phalanx.parallel.local_ranks import free_port  # noqa: E402
+
 FORWARD_S, BACKWARD_S = 0.020, 0.040
 # --quick: one bubble case, timed over one schedule run, and two timed steps; not a result.
 QUICK = {"steps": 2, "bubble_runs": 1, "schedules": ["1f1b"], "stages": [2], "micro": [4], "start_method": "fork"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(rank: int, world: int, port: int) -> None:
@@ -106,7 +100,7 @@ def _bubble_worker(rank: int, world: int, port: int, schedule: str, micro: int, 
 def bubble(schedule: str, pp: int, micro: int, runs: int = 3, start_method: str = "spawn") -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.start_processes(_bubble_worker, args=(pp, _free_port(), schedule, micro, runs, out), nprocs=pp, join=True,
+        mp.start_processes(_bubble_worker, args=(pp, free_port(), schedule, micro, runs, out), nprocs=pp, join=True,
                            start_method=start_method)
         return torch.load(out)
 
@@ -183,7 +177,7 @@ def _speed_worker(rank: int, world: int, port: int, steps: int, out: str) -> Non
 def speed(steps: int, start_method: str = "spawn") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.start_processes(_speed_worker, args=(2, _free_port(), steps, out), nprocs=2, join=True,
+        mp.start_processes(_speed_worker, args=(2, free_port(), steps, out), nprocs=2, join=True,
                            start_method=start_method)
         return torch.load(out)
 

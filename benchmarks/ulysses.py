@@ -32,6 +32,8 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from phalanx.parallel.local_ranks import free_port  # noqa: E402
+
 SHAPE = {"batch": 2, "seq_per_rank": 512, "heads": 8, "kv_heads": 8, "head_dim": 64}
 TRAIN_MODEL = ["model.n_heads=8", "model.n_kv_heads=8", "model.d_model=256"]
 # --quick: checks the script runs (the test suite's run); not a result.
@@ -39,14 +41,6 @@ QUICK = {"iters": 2, "layer_sp": [2], "train_sp": [1], "train_steps": 5, "train_
          "start_method": "fork"}
 QUICK_SHAPE = {"batch": 1, "seq_per_rank": 32, "heads": 4, "kv_heads": 4, "head_dim": 16}
 QUICK_TRAIN_MODEL = ["model.n_heads=4", "model.n_kv_heads=4", "model.d_model=64", "model.n_layers=2"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layer_worker(rank: int, sp: int, port: int, shape: dict, iters: int, out: str) -> None:
@@ -90,7 +84,7 @@ def _layer_worker(rank: int, sp: int, port: int, shape: dict, iters: int, out: s
 def layer_times(sp: int, shape: dict, iters: int, start_method: str = "spawn") -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.pt")
-        mp.start_processes(_layer_worker, args=(sp, _free_port(), shape, iters, out), nprocs=sp, join=True,
+        mp.start_processes(_layer_worker, args=(sp, free_port(), shape, iters, out), nprocs=sp, join=True,
                            start_method=start_method)
         return torch.load(out)
 
@@ -107,7 +101,7 @@ def train_tokens_per_s(sp: int, seq_per_rank: int, steps: int, model: list[str] 
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
         launcher = ([sys.executable, "-m", "phalanx"] if sp == 1 else
                     [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(sp), "--master-addr",
-                     "127.0.0.1", "--master-port", str(_free_port()), "-m", "phalanx"])
+                     "127.0.0.1", "--master-port", str(free_port()), "-m", "phalanx"])
         done = subprocess.run([*launcher, "train", os.path.join(REPO, "configs/tiny_sp.yaml"), *overrides], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
