@@ -76,8 +76,8 @@ def _train_rank(config: str, overrides: list[str]) -> None:
 
 def train_local(config: str, overrides: list[str], world: int = 1) -> None:
     """What `phalanx train CONFIG OVERRIDES` does on `world` torchrun ranks, run on the pooled local ranks of
-    `phalanx.parallel.local_ranks` (the same code, one thread each; no process started): for failure-free
-    reference runs."""
+    `phalanx.parallel.local_ranks` (the same code as a torchrun rank, one torch thread each, in processes the
+    pool spawned once and reuses; none is started per run): for failure-free reference runs."""
     from phalanx.parallel.local_ranks import run_local
 
     run_local(_train_rank, world, str(config), list(overrides), pool_size=POOL_SIZE)
