@@ -70,9 +70,9 @@ def _layers(shape: dict, ep: int, device: torch.device, kernel: str = "auto"):
     with torch.device("meta"):
         ours.mlp = MoE(cfg.model)
     if ep > 1:
-        from phalanx.parallel.mesh import ParallelDims
+        from phalanx.parallel.layout import Layout
 
-        mesh = ParallelDims(dp=ep, sp=1, ep=ep, pp=1, world_size=ep).build_mesh(device.type)
+        mesh = Layout(dp=ep, ep=ep, world_size=ep).build_mesh(device.type)
         ExpertParallel.apply(ours, mesh, cfg)
     ours.to_empty(device=device)
     theirs = DeepSpeedMoE(shape["d_model"], SwiGLU(shape["d_model"], shape["ffn"]), num_experts=shape["experts"],

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phalanx.config import load_config  # noqa: E402
+from phalanx.parallel.layout import Layout  # noqa: E402
 from phalanx.planner.calibrate import calibrate_local  # noqa: E402
-from phalanx.planner.layout import Layout  # noqa: E402
 from phalanx.planner.measure import measure_layout  # noqa: E402
 from phalanx.planner.plan import plan, valid  # noqa: E402
 from phalanx.planner.topology import Topology  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
         for _ in range(args.rounds):  # rounds interleave calibration and layouts: a burst of other load hits all alike
             topos.append(calibrate_local(cfg, world))
             for lay in layouts:
-                ranks = measure_layout(CONFIG, base + lay.overrides(), world, steps=args.steps)
+                ranks = measure_layout(CONFIG, base + lay.to_overrides(), world, steps=args.steps)
                 # a step ends when its slowest rank does; the fastest step is the one least disturbed by other
                 # work on this shared machine (calibration takes minima too)
                 step = min(max(r["seconds"][i] for r in ranks) for i in range(1, args.steps))

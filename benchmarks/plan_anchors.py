@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phalanx.config import load_config  # noqa: E402
+from phalanx.parallel.layout import Layout  # noqa: E402
 from phalanx.planner.cost import step_cost  # noqa: E402
-from phalanx.planner.layout import Layout  # noqa: E402
 from phalanx.planner.plan import plan  # noqa: E402
 from phalanx.planner.topology import preset  # noqa: E402
 

@@ -334,7 +334,8 @@ def _validate_moe(moe: MoEConfig, n_layers: int) -> None:
 
 def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str, ...]) -> int:
     """Check every field and cross-field rule that needs no registry; returns the resolved `parallel.dp`.
-    Raises ConfigError. `phalanx.parallel.validate` adds the model and strategy registries' checks."""
+    Raises ConfigError. `phalanx.parallel.validate` adds the model and strategy registries' checks and the
+    layout's (degrees against the world size, `parallel.order`)."""
     r, m, d, o, t, p = cfg.run, cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel
     if not r.name or "/" in r.name or r.name in (".", ".."):
         raise ConfigError(f"run.name={r.name!r} must be a plain directory name such as 'tiny'")
@@ -407,9 +408,6 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
 
     for key in ("sp", "ep", "pp"):
         _positive(f"parallel.{key}", getattr(p, key))
-    if p.order != "auto" and sorted(part.strip() for part in str(p.order).split(",")) != ["dp", "pp", "sp"]:
-        raise ConfigError(f"parallel.order={p.order!r} must be auto or a permutation of pp,dp,sp (outermost first), "
-                          f"e.g. pp,dp,sp")
     dp = resolve_dp(cfg, world_size)
     per_step = t.micro_batch_size * dp
     if t.batch_size % per_step:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from phalanx.parallel import data_parallel, expert, pipeline, sequence, zero  # noqa: F401  (register the strategies)
-from phalanx.parallel.mesh import ParallelDims
+from phalanx.parallel.layout import Layout
 from phalanx.parallel.registry import available, get, register
 
 # mesh dimension -> (strategy kind, config key naming the strategy)
@@ -19,21 +19,22 @@ def validate(cfg: Any, world_size: int = 1) -> Any:
     from phalanx.models import MODEL_KINDS  # the registry; no torch work happens here
 
     dp = validate_fields(cfg, world_size, tuple(MODEL_KINDS))
-    validate_layout(cfg, world_size, dp)
+    validate_layout(cfg, world_size)
     cfg.parallel.dp = dp
     return cfg
 
 
-def validate_layout(cfg: Any, world_size: int, dp: int) -> ParallelDims:
-    """Check the degrees and that a strategy exists for every degree above one, before any process group."""
+def validate_layout(cfg: Any, world_size: int) -> Layout:
+    """Check the degrees, the rank order and that a strategy exists for every degree above one, before any
+    process group."""
     p = cfg.parallel
-    dims = ParallelDims(dp=dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=world_size)
-    get("data", p.dp_backend, "parallel.dp_backend").validate(dims, cfg)
+    layout = Layout.from_config(cfg, world_size)
+    get("data", p.dp_backend, "parallel.dp_backend").validate(layout, cfg)
     for dim, (kind, key) in _KIND_OF_DIM.items():
-        degree = getattr(dims, dim)
+        degree = getattr(layout, dim)
         if degree > 1:
-            get(kind, getattr(p, key), f"parallel.{key}").validate(dims, cfg)
-    return dims
+            get(kind, getattr(p, key), f"parallel.{key}").validate(layout, cfg)
+    return layout
 
 
-__all__ = ["ParallelDims", "validate", "validate_layout", "register", "get", "available"]
+__all__ = ["Layout", "validate", "validate_layout", "register", "get", "available"]

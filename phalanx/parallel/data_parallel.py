@@ -39,7 +39,7 @@ class TorchDataParallel:
     snapshots_every_step = True  # False: its state_dict() may not be taken between steps (see zero.py)
 
     @staticmethod
-    def validate(dims: Any, cfg: Any) -> None:
+    def validate(layout: Any, cfg: Any) -> None:
         return None
 
     @staticmethod

@@ -82,14 +82,11 @@ def start_process_groups(cfg, rank_order: Callable[[int, int], tuple[str, ...]])
                 store=rendezvous_store(rank, world, start), rank=rank, world_size=world,
             )
             dist.distributed_c10d._set_pg_timeout(collective)
-        from phalanx.parallel.mesh import ParallelDims
+        from phalanx.parallel.layout import Layout
 
-        p = cfg.parallel
         # torchrun's LOCAL_WORLD_SIZE is the ranks per node; without it the run is taken as one node.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        dims = ParallelDims(dp=p.dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=world,
-                            order=rank_order(world, per_node))
-        ctx.mesh = dims.build_mesh(device.type)
+        ctx.mesh = Layout.from_config(cfg, world, order=rank_order(world, per_node)).build_mesh(device.type)
     return ctx
 
 

@@ -18,7 +18,8 @@ from phalanx.errors import ConfigError
 from phalanx.models.moe import A2ACounter, ExpertFn, MoE
 from phalanx.models.routing import STAT_ASSIGNED, STAT_AUX, STAT_DROPPED, STAT_LOAD, STAT_Z, SequenceShards
 from phalanx.parallel.expert_comm import AllToAllRows, exchange_counts
-from phalanx.parallel.mesh import EXPERT_DATA_DIM, EXPERT_DIM, ParallelDims
+from phalanx.parallel.layout import Layout
+from phalanx.parallel.mesh import EXPERT_DATA_DIM, EXPERT_DIM
 from phalanx.parallel.registry import register
 from phalanx.telemetry import comm
 
@@ -112,8 +113,8 @@ class ExpertParallel:
     on_meta = True
 
     @staticmethod
-    def validate(dims: ParallelDims, cfg: Any) -> None:
-        moe, ep = cfg.model.moe, dims.ep
+    def validate(layout: Layout, cfg: Any) -> None:
+        moe, ep = cfg.model.moe, layout.ep
         if ep == 1:
             return
         if not moe.num_experts:
@@ -138,8 +139,7 @@ class ExpertParallel:
         seq = SequenceShards(mesh["sp"].get_group(), sp, mesh.get_local_rank("sp")) if sp > 1 else SequenceShards()
         expert_mesh = None
         if p.ep > 1:
-            dims = ParallelDims(dp=p.dp, sp=p.sp, ep=p.ep, pp=p.pp, world_size=mesh.world.size())
-            expert_mesh = dims.expert_mesh(mesh)
+            expert_mesh = Layout.from_config(cfg, mesh.world.size()).expert_mesh(mesh)
         for layer in layers:
             layer.sequence = seq
             if expert_mesh is not None:

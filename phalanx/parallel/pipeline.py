@@ -133,9 +133,9 @@ class PipelineSplit:
     def __init__(self, schedule: str):
         self.schedule = schedule
 
-    def validate(self, dims: Any, cfg: Any) -> None:
+    def validate(self, layout: Any, cfg: Any) -> None:
         p, m = cfg.parallel, cfg.model
-        if dims.pp == 1:
+        if layout.pp == 1:
             return
         if p.pp_schedule == "interleaved" and p.pp_virtual_stages < 2:
             raise ConfigError(f"parallel.pp_virtual_stages={p.pp_virtual_stages}: interleaved 1F1B needs at least 2 "
@@ -159,7 +159,7 @@ class PipelineSplit:
                               "dp_backend=ddp or fsdp with pipeline parallelism")
         if cfg.train.compile:
             raise ConfigError("train.compile=true with parallel.pp>1 is not supported yet; set train.compile=false")
-        micro = pipeline_microbatches(cfg, dims.dp)
+        micro = layout.pipeline_microbatches(cfg.train.batch_size)
         if p.pp_schedule in ("1f1b", "interleaved") and micro < p.pp:
             raise ConfigError(
                 f"parallel.microbatches={micro} < parallel.pp({p.pp}): {p.pp_schedule} needs at least one "
@@ -186,23 +186,6 @@ class PipelineSplit:
     @staticmethod
     def apply(model: nn.Module, mesh: Any, cfg: Any) -> nn.Module:  # the Strategy protocol; see split()
         raise TypeError("the pipeline strategy splits the model: call split(model, mesh, cfg)")
-
-
-def pipeline_microbatches(cfg: Any, dp: int) -> int:
-    """Micro-batches per schedule run: `parallel.microbatches`, or auto = all of a rank's for one step."""
-    t, p = cfg.train, cfg.parallel
-    per_rank = t.batch_size // (t.micro_batch_size * dp)
-    if p.microbatches == "auto":
-        return per_rank
-    try:
-        micro = int(p.microbatches)
-    except (TypeError, ValueError):
-        raise ConfigError(f"parallel.microbatches={p.microbatches!r} must be a positive integer or auto") from None
-    if micro < 1 or per_rank % micro:
-        raise ConfigError(
-            f"parallel.microbatches={micro} must divide the micro-batches per rank and step, train.batch_size"
-            f"({t.batch_size}) / (train.micro_batch_size({t.micro_batch_size}) * dp({dp})) = {per_rank}")
-    return micro
 
 
 for _name in SCHEDULES:

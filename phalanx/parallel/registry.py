@@ -1,4 +1,4 @@
-"""Strategy registry: a strategy has `validate(dims, cfg)` and `apply(model, mesh, cfg)`.
+"""Strategy registry: a strategy has `validate(layout, cfg)` and `apply(model, mesh, cfg)`.
 
 Strategies are looked up by (kind, name), so a user adds one with `@register("data", "mine")`
 without editing the trainer. Kinds: data, sequence, expert, pipeline. A data-parallel back end
@@ -19,7 +19,7 @@ _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 
 
 class Strategy(Protocol):
-    def validate(self, dims: Any, cfg: Any) -> None: ...
+    def validate(self, layout: Any, cfg: Any) -> None: ...
 
     def apply(self, model: nn.Module, mesh: Any, cfg: Any) -> nn.Module: ...
 

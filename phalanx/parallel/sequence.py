@@ -67,8 +67,8 @@ class UlyssesStrategy:
     on_meta = True
 
     @staticmethod
-    def validate(dims: Any, cfg: Any) -> None:
-        sp, m, seq = dims.sp, cfg.model, cfg.data.seq_len
+    def validate(layout: Any, cfg: Any) -> None:
+        sp, m, seq = layout.sp, cfg.model, cfg.data.seq_len
         if sp == 1:
             return
         if seq % sp:

@@ -29,7 +29,7 @@ class ZeroStrategy(TorchDataParallel):
     # at its persist steps and at the end.
     snapshots_every_step = False
     @staticmethod
-    def validate(dims: Any, cfg: Any) -> None:
+    def validate(layout: Any, cfg: Any) -> None:
         stage = cfg.parallel.zero_stage
         if stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={stage} is not one of 1, 2, 3 (optimizer, +gradients, +parameters)")

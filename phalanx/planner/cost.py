@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
+from phalanx.parallel.layout import Layout
 from phalanx.planner.contention import pipeline_time, slowdown
-from phalanx.planner.layout import Layout
-from phalanx.planner.placement import LOGICAL, comm_times, critical_ranks
+from phalanx.planner.placement import comm_times, critical_ranks
 from phalanx.planner.shapes import ModelShapes, model_shapes
 from phalanx.planner.topology import Topology
 from phalanx.planner.traffic import _data_parallel_shapes, _padded, rank_stages, step_traffic
@@ -177,21 +177,19 @@ class StepCost:
     tokens_per_s: float
     mfu: float
     bytes_per_dim: dict[str, int] = field(default_factory=dict)
-    order: tuple[str, ...] = LOGICAL
 
 
-def step_cost(cfg: Any, layout: Layout, topo: Topology, order: Optional[tuple[str, ...]] = None) -> StepCost:
-    """Predicted memory and step time of `layout` (rank order `order`, default phalanx's) on `topo`."""
+def step_cost(cfg: Any, layout: Layout, topo: Topology) -> StepCost:
+    """Predicted memory and step time of `layout` (with its rank order) on `topo`."""
     from phalanx.models.gpt import flops_per_token
 
-    order = order or LOGICAL
     shapes = model_shapes(cfg.model)
     A = layout.accumulation(cfg.train.batch_size)
     tokens_rank = A * layout.micro_batch_size * cfg.data.seq_len / layout.sp  # tokens this rank computes
     rate = topo.peak_flops * topo.achieved
     ranks = critical_ranks(layout)
     traffic = {r: step_traffic(cfg, layout, r) for r in ranks}
-    times = comm_times(cfg, layout, topo, order, traffic)
+    times = comm_times(cfg, layout, topo, traffic)
 
     worst_mb, worst_mem, optimizer_s = 0.0, None, 0.0
     for r in ranks:
@@ -241,4 +239,4 @@ def step_cost(cfg: Any, layout: Layout, topo: Topology, order: Optional[tuple[st
             mine[dim] = mine.get(dim, 0) + flow.bytes
         per_dim = {d: max(per_dim.get(d, 0), mine.get(d, 0)) for d in {*per_dim, *mine}}
     return StepCost(layout, worst_mem, worst_mem.total <= 0.9 * topo.memory_bytes, compute_s, exposed, bubble,
-                    optimizer_s, topo.step_overhead_s, step_s, tokens_per_s, mfu, per_dim, order)
+                    optimizer_s, topo.step_overhead_s, step_s, tokens_per_s, mfu, per_dim)

@@ -14,34 +14,9 @@ import itertools
 import math
 from typing import Any, Optional
 
+from phalanx.parallel.layout import Layout, parse_order
+from phalanx.parallel.mesh import MESH_ORDER
 from phalanx.planner.topology import Topology
-
-LOGICAL = ("pp", "dp", "sp")  # the mesh's dimension order (phalanx.parallel.mesh.MESH_ORDER)
-
-
-def rank_grid(shape: dict[str, int], order: tuple[str, ...]) -> dict[tuple[int, int, int], int]:
-    """(pp, dp, sp) coordinate -> global rank when ranks are numbered row-major over `order`."""
-    grid = {}
-    sizes = [shape[d] for d in order]
-    for rank, coord in enumerate(itertools.product(*(range(s) for s in sizes))):
-        named = dict(zip(order, coord))
-        grid[tuple(named[d] for d in LOGICAL)] = rank
-    return grid
-
-
-def group_ranks(shape: dict[str, int], order: tuple[str, ...], dim: str, ep: int = 1) -> list[int]:
-    """Global ranks of rank 0's group along `dim` (pp, dp, sp, dp_sp, ep or edp)."""
-    grid = rank_grid(shape, order)
-    if dim in LOGICAL:
-        return [grid[tuple(i if d == dim else 0 for d in LOGICAL)] for i in range(shape[dim])]
-    flat = [grid[(0, a, b)] for a in range(shape["dp"]) for b in range(shape["sp"])]  # dp_sp, dp-major
-    if dim == "dp_sp":
-        return flat
-    if dim == "ep":
-        return flat[:ep]  # ep consecutive ranks of dp x sp
-    if dim == "edp":
-        return flat[::ep]
-    raise ValueError(f"unknown mesh dimension {dim!r}")
 
 
 def span(ranks: list[int], gpus_per_node: int) -> tuple[int, int]:
@@ -73,18 +48,16 @@ def collective_time(kind: str, nbytes: float, calls: int, n: int, per_node: int,
     return factor * (ring + calls * hops)
 
 
-def critical_ranks(layout: Any) -> list[int]:
+def critical_ranks(layout: Layout) -> list[int]:
     """The pipeline ranks that bound a step: the first (embedding, most micro-batches in flight), the last
     (head, loss) and one in between (balanced splits make the others alike)."""
     return sorted({0, min(1, layout.pp - 1), layout.pp - 1})
 
 
-def comm_times(cfg: Any, layout: Any, topo: Topology, order: tuple[str, ...],
-               traffic: Optional[dict] = None) -> dict[str, float]:
-    """Seconds per step per "kind/dim" on the most loaded pipeline rank, for a rank order."""
+def comm_times(cfg: Any, layout: Layout, topo: Topology, traffic: Optional[dict] = None) -> dict[str, float]:
+    """Seconds per step per "kind/dim" on the most loaded pipeline rank, with the layout's rank order."""
     from phalanx.planner.traffic import step_traffic
 
-    shape = {"pp": layout.pp, "dp": layout.dp, "sp": layout.sp}
     spans = {}
     worst: dict[str, float] = {}
     traffic = traffic if traffic is not None else {r: step_traffic(cfg, layout, r) for r in critical_ranks(layout)}
@@ -92,7 +65,7 @@ def comm_times(cfg: Any, layout: Any, topo: Topology, order: tuple[str, ...],
         for key, flow in flows.items():
             kind, dim = key.split("/")
             if dim not in spans:
-                ranks = group_ranks(shape, order, dim, layout.ep)
+                ranks = layout.group_ranks(dim)
                 spans[dim] = (len(ranks), *span(ranks, topo.gpus_per_node))
             n, k, m = spans[dim]
             calls = flow.calls if flow.calls is not None else max(1, math.ceil(flow.bytes / 25e6))  # DDP's buckets
@@ -100,30 +73,17 @@ def comm_times(cfg: Any, layout: Any, topo: Topology, order: tuple[str, ...],
     return worst
 
 
-def best_order(cfg: Any, layout: Any, topo: Topology) -> tuple[str, ...]:
+def best_order(cfg: Any, layout: Layout, topo: Topology) -> tuple[str, ...]:
     """The rank order (outermost first) with the least communication time; ties keep phalanx's default."""
     from phalanx.planner.traffic import step_traffic
 
     traffic = {r: step_traffic(cfg, layout, r) for r in critical_ranks(layout)}
-    best, best_t = LOGICAL, sum(comm_times(cfg, layout, topo, LOGICAL, traffic).values())
-    for order in itertools.permutations(LOGICAL):
-        t = sum(comm_times(cfg, layout, topo, order, traffic).values())
+    best, best_t = MESH_ORDER, sum(comm_times(cfg, layout.with_(order=MESH_ORDER), topo, traffic).values())
+    for order in itertools.permutations(MESH_ORDER):
+        t = sum(comm_times(cfg, layout.with_(order=order), topo, traffic).values())
         if t < best_t * (1 - 1e-9):
             best, best_t = order, t
     return best
-
-
-def parse_order(value: str) -> Optional[tuple[str, ...]]:
-    """`parallel.order`: "auto" -> None (planner decides); "pp,dp,sp"-style -> the tuple."""
-    from phalanx.errors import ConfigError
-
-    if value == "auto":
-        return None
-    order = tuple(part.strip() for part in str(value).split(","))
-    if sorted(order) != sorted(LOGICAL):
-        raise ConfigError(f"parallel.order={value!r} must be auto or a permutation of pp,dp,sp "
-                          f"(outermost first), e.g. pp,dp,sp")
-    return order
 
 
 def mesh_order(cfg: Any, world_size: int, gpus_per_node: int) -> tuple[str, ...]:
@@ -132,11 +92,10 @@ def mesh_order(cfg: Any, world_size: int, gpus_per_node: int) -> tuple[str, ...]
     order = parse_order(cfg.parallel.order)
     if order is not None:
         return order
-    from phalanx.planner.layout import Layout
     from phalanx.planner.topology import preset
 
     gpus = max(1, min(gpus_per_node, world_size))
     if world_size % gpus or world_size == gpus:
-        return LOGICAL  # one node (or an uneven one): every order costs the same
+        return MESH_ORDER  # one node (or an uneven one): every order costs the same
     topo = preset(nodes=world_size // gpus, gpus_per_node=gpus, dtype=cfg.train.dtype)
     return best_order(cfg, Layout.from_config(cfg), topo)

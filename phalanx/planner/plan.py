@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from phalanx.errors import ConfigError
+from phalanx.parallel.layout import Layout
 from phalanx.planner.cost import StepCost, step_cost
-from phalanx.planner.layout import Layout
-from phalanx.planner.placement import LOGICAL, best_order
+from phalanx.planner.placement import best_order
 from phalanx.planner.topology import Topology
 
 
@@ -59,10 +59,6 @@ def valid(cfg: Any, layout: Layout) -> bool:
     trial.data.kind, trial.data.path = "synthetic", None  # the plan needs no data file
     try:
         validate(trial, layout.world)
-        if layout.pp > 1:
-            from phalanx.parallel.pipeline import pipeline_microbatches
-
-            pipeline_microbatches(trial, layout.dp)
     except ConfigError:
         return False
     return True
@@ -91,8 +87,8 @@ def plan(cfg: Any, topo: Topology, refine: int = 32, layouts: Optional[list[Layo
     costs.sort(key=lambda c: (not c.fits, c.step_s))
     head = []
     for c in costs[:refine]:
-        order = best_order(cfg, c.layout, topo)
-        head.append(step_cost(cfg, c.layout, topo, order) if order != LOGICAL else c)
+        placed = c.layout.with_(order=best_order(cfg, c.layout, topo))
+        head.append(step_cost(cfg, placed, topo) if placed != c.layout else c)
     rows = sorted(head, key=lambda c: (not c.fits, c.step_s)) + costs[refine:]
     return Plan(rows, len(candidates), topo)
 
@@ -121,29 +117,19 @@ def format_table(p: Plan, top: int) -> str:
     out.write(header + "\n")
     for i, c in enumerate(p.rows[:top], 1):
         dims = " ".join(f"{d}={_bytes(b)}" for d, b in sorted(c.bytes_per_dim.items()))
-        out.write(f"{i:>3}  {c.layout.name():<34} {','.join(c.order):<9} {_gib(c.memory.total):>11} "
+        out.write(f"{i:>3}  {c.layout.name():<34} {','.join(c.layout.order):<9} {_gib(c.memory.total):>11} "
                   f"{'yes' if c.fits else 'no':>4} {c.step_s:>9.4g} {c.tokens_per_s:>11,.0f} {mfu(c):>6}  "
                   f"{dims or '-'}\n")
     best = p.best
     if best is None:
         out.write("no layout fits in device memory; add devices, shorten data.seq_len or shrink the model\n")
     else:
-        out.write(f"recommended: {best.layout.name()} (order {','.join(best.order)}): {best.step_s:.4g} s/step, "
-                  f"{best.tokens_per_s:,.0f} tokens/s, {_gib(best.memory.total)} GiB/device; compute "
+        out.write(f"recommended: {best.layout.name()} (order {','.join(best.layout.order)}): "
+                  f"{best.step_s:.4g} s/step, {best.tokens_per_s:,.0f} tokens/s, {_gib(best.memory.total)} GiB/device; compute "
                   f"{best.compute_s:.3g} s, bubble {best.bubble:.0%}, exposed comm {sum(best.comm_s.values()):.3g} s\n")
         if best.layout.activation_checkpointing:
             out.write("note: activation checkpointing is modelled but not yet a trainer option\n")
     return out.getvalue()
-
-
-def parallel_section(best: StepCost) -> dict[str, Any]:
-    """The config keys that select `best` (parallel section plus train.micro_batch_size)."""
-    lay = best.layout
-    parallel = {"dp": lay.dp, "sp": lay.sp, "ep": lay.ep, "pp": lay.pp, "dp_backend": lay.dp_backend,
-                "zero_stage": lay.zero_stage, "pp_schedule": lay.pp_schedule,
-                "pp_virtual_stages": lay.pp_virtual_stages, "microbatches": lay.microbatches,
-                "order": ",".join(best.order)}
-    return {"parallel": parallel, "train": {"micro_batch_size": lay.micro_batch_size}}
 
 
 def write_config(config_path: str, best: StepCost, out_path: str, force: bool = False) -> str:
@@ -155,9 +141,9 @@ def write_config(config_path: str, best: StepCost, out_path: str, force: bool = 
     if os.path.exists(out_path) and not force:
         raise ConfigError(f"'{out_path}' exists; pass --force to replace it or --write OTHER_PATH")
     original = OmegaConf.load(config_path)
-    merged = OmegaConf.merge(original, OmegaConf.create(parallel_section(best)))
     lay = best.layout
-    header = (f"# written by `phalanx plan {config_path}`: {lay.name()}, order {','.join(best.order)}, predicted "
+    merged = OmegaConf.merge(original, OmegaConf.from_dotlist(lay.to_overrides()))
+    header = (f"# written by `phalanx plan {config_path}`: {lay.name()}, order {','.join(lay.order)}, predicted "
               f"{best.step_s:.4g} s/step, {best.tokens_per_s:,.0f} tokens/s\n")
     with open(out_path, "w") as f:
         f.write(header + OmegaConf.to_yaml(merged))

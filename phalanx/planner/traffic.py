@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
-from phalanx.planner.layout import Layout
+from phalanx.parallel.layout import Layout
 from phalanx.planner.shapes import ModelShapes, Shape, model_shapes
 
 

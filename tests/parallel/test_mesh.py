@@ -1,16 +1,16 @@
-"""ParallelDims: validation quoting the numbers, rank order, and the groups it builds."""
+"""Layout: validation quoting the numbers, rank order, and the groups it builds."""
 
 from __future__ import annotations
 
 import pytest
 
 from phalanx.errors import ConfigError
-from phalanx.parallel.mesh import ParallelDims
+from phalanx.parallel.layout import Layout
 from tests.parallel.harness import spawn
 
 
 def test_rank_order_keeps_sp_innermost():
-    dims = ParallelDims(dp=2, sp=2, ep=1, pp=2, world_size=8)
+    dims = Layout(dp=2, sp=2, ep=1, pp=2, world_size=8)
     assert [dims.coords(r) for r in (0, 1, 2, 5)] == [
         {"pp": 0, "dp": 0, "sp": 0}, {"pp": 0, "dp": 0, "sp": 1}, {"pp": 0, "dp": 1, "sp": 0},
         {"pp": 1, "dp": 0, "sp": 1}]
@@ -23,7 +23,7 @@ def test_rank_order_keeps_sp_innermost():
 ])
 def test_impossible_degrees_are_refused_with_numbers(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
-        ParallelDims(**kwargs)
+        Layout(**kwargs)
 
 
 def _groups(dp: int, sp: int, ep: int) -> dict:
@@ -31,7 +31,7 @@ def _groups(dp: int, sp: int, ep: int) -> dict:
 
     dist.init_process_group("gloo")
     try:
-        dims = ParallelDims(dp=dp, sp=sp, ep=ep, pp=1, world_size=dist.get_world_size())
+        dims = Layout(dp=dp, sp=sp, ep=ep, pp=1, world_size=dist.get_world_size())
         mesh = dims.build_mesh("cpu")
         experts = dims.expert_mesh(mesh)
         out = {name: dist.get_process_group_ranks(mesh[name].get_group()) for name in ("dp", "sp", "dp_sp")}

@@ -9,10 +9,10 @@ import pytest
 
 from phalanx.config import load_config
 from phalanx.parallel import validate
+from phalanx.parallel.layout import Layout
 from phalanx.parallel.pipeline_schedule import theoretical_bubble
 from phalanx.planner.contention import pipeline_slots, pipeline_time, slowdown
 from phalanx.planner.cost import cpu_comm_costs, sharded_tensors, step_cost
-from phalanx.planner.layout import Layout
 from phalanx.planner.topology import Link, Topology, preset
 from phalanx.planner.traffic import step_traffic
 from tests.helpers import CONFIG, TINY

@@ -10,10 +10,10 @@ import pytest
 from phalanx.config import load_config
 from phalanx.errors import ConfigError
 from phalanx.parallel import validate
-from phalanx.parallel.mesh import ParallelDims
+from phalanx.parallel.layout import Layout
+from phalanx.parallel.mesh import MESH_ORDER
 from phalanx.planner.cost import memory, step_cost
-from phalanx.planner.layout import Layout
-from phalanx.planner.placement import LOGICAL, best_order, comm_times, group_ranks, mesh_order, rank_grid
+from phalanx.planner.placement import best_order, comm_times, mesh_order
 from phalanx.planner.plan import plan
 from phalanx.planner.topology import preset
 from phalanx.planner.traffic import traffic_table
@@ -24,16 +24,15 @@ LLAMA_8B = ["model.vocab_size=128256", "model.d_model=4096", "model.n_layers=32"
             "train.batch_size=1024", "train.micro_batch_size=1", "train.dtype=bf16", "model.rope_theta=500000"]
 
 
-def test_parallel_dims_order_matches_the_planners_rank_grid() -> None:
-    order = ("sp", "pp", "dp")
-    dims = ParallelDims(dp=2, sp=2, ep=1, pp=2, world_size=8, order=order)
-    grid = rank_grid({"pp": 2, "dp": 2, "sp": 2}, order)
-    layout = dims.rank_layout()
-    for (pp, dp, sp), rank in grid.items():
-        assert layout[pp][dp][sp] == rank
-        assert dims.coords(rank) == {"pp": pp, "dp": dp, "sp": sp}
-    assert group_ranks({"pp": 2, "dp": 2, "sp": 2}, order, "dp") == [0, 1]  # dp innermost: neighbours
-    assert ParallelDims(dp=2, sp=2, ep=1, pp=2, world_size=8).coords(1) == {"pp": 0, "dp": 0, "sp": 1}
+def test_rank_order_numbers_ranks_row_major_over_the_order() -> None:
+    layout = Layout(dp=2, sp=2, ep=1, pp=2, order=("sp", "pp", "dp"), world_size=8)
+    grid = layout.rank_grid()
+    assert grid == [[[0, 4], [1, 5]], [[2, 6], [3, 7]]]  # [pp][dp][sp]: dp fastest, then pp, sp slowest
+    for pp, dp, sp in ((a, b, c) for a in range(2) for b in range(2) for c in range(2)):
+        assert layout.coords(grid[pp][dp][sp]) == {"pp": pp, "dp": dp, "sp": sp}
+    assert layout.group_ranks("dp") == [0, 1]  # dp innermost: neighbours
+    assert layout.group_ranks("dp_sp") == [0, 4, 1, 5]
+    assert Layout(dp=2, sp=2, ep=1, pp=2, world_size=8).coords(1) == {"pp": 0, "dp": 0, "sp": 1}
 
 
 def test_bad_order_is_refused_with_the_value() -> None:
@@ -56,7 +55,7 @@ def test_placement_keeps_the_heaviest_traffic_inside_a_node() -> None:
     order = best_order(cfg, layout, topo)
     table = traffic_table(cfg, layout)
     assert table["pp"] > table["dp_sp"] and innermost(order, layout) == "pp", (order, table)
-    assert sum(comm_times(cfg, layout, topo, order).values()) < sum(comm_times(cfg, layout, topo, LOGICAL).values())
+    assert sum(comm_times(cfg, layout.with_(order=order), topo).values()) < sum(comm_times(cfg, layout, topo).values())
     # FSDP of a wide model: the dp all-gathers dominate and the default already keeps dp inside a node
     wide = validate(load_config(CONFIG, [*TINY, "model.d_model=512", "model.n_heads=8", "parallel.pp=2",
                                          "parallel.dp_backend=fsdp", "train.micro_batch_size=1"]), 4)
@@ -66,9 +65,9 @@ def test_placement_keeps_the_heaviest_traffic_inside_a_node() -> None:
 def test_order_auto_uses_the_planner_only_across_nodes() -> None:
     cfg = validate(load_config(CONFIG, [*TINY, "model.max_seq_len=1024", "data.seq_len=1024", "parallel.pp=2",
                                         "train.micro_batch_size=1", "parallel.order=auto"]), 4)
-    assert mesh_order(cfg, 4, 4) == LOGICAL  # one node: every order is as good
+    assert mesh_order(cfg, 4, 4) == MESH_ORDER  # one node: every order is as good
     chosen = mesh_order(cfg, 4, 2)
-    assert chosen == best_order(cfg, Layout.from_config(cfg), preset(nodes=2, gpus_per_node=2)) != LOGICAL
+    assert chosen == best_order(cfg, Layout.from_config(cfg), preset(nodes=2, gpus_per_node=2)) != MESH_ORDER
     cfg.parallel.order = "dp,sp,pp"
     assert mesh_order(cfg, 4, 2) == ("dp", "sp", "pp")
 

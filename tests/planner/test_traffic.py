@@ -11,10 +11,9 @@ import pytest
 
 from phalanx.config import load_config
 from phalanx.parallel import validate
+from phalanx.parallel.layout import Layout
 from phalanx.planner.cost import state_memory
-from phalanx.planner.layout import Layout
 from phalanx.planner.measure import measure_layout
-from phalanx.planner.placement import rank_grid
 from phalanx.planner.traffic import step_traffic
 from tests.helpers import CONFIG, TINY
 
@@ -44,11 +43,9 @@ def test_predicted_bytes_and_memory_equal_measured(world: int, overrides: list[s
     cfg = validate(load_config(CONFIG, overrides), world)
     layout = Layout.from_config(cfg)
     ranks = measure_layout(CONFIG, overrides, world)
-    order = tuple(cfg.parallel.order.split(","))
-    coords = {rank: c for c, rank in rank_grid({"pp": layout.pp, "dp": layout.dp, "sp": layout.sp}, order).items()}
     routed_pred, routed_meas = 0, 0
     for measured in ranks:
-        pp_rank = coords[measured["rank"]][0]
+        pp_rank = layout.coords(measured["rank"])["pp"]
         predicted = step_traffic(cfg, layout, pp_rank)
         assert predicted, "every layout here communicates"
         assert set(predicted) == set(measured["comm"]), (measured["rank"], sorted(predicted), sorted(measured["comm"]))
