@@ -15,7 +15,7 @@ The schedules that run the stages every step are in `pipeline_schedule.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,23 +73,27 @@ class StagePlan:
     last: bool
 
 
+def stage_blocks(stages: int, pp_split: Optional[Sequence[int]], costs: list[int], first_extra: int,
+                 last_extra: int) -> list[range]:
+    """Block indices of every stage, in pipeline order: `parallel.pp_split` blocks per stage, or the
+    `balanced_split` of the blocks' parameter counts `costs` (the trainer's and the planner's one split)."""
+    sizes = list(pp_split) if pp_split is not None else balanced_split(costs, first_extra, last_extra, stages)
+    out, start = [], 0
+    for size in sizes:
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
 def plan_stages(model: nn.Module, cfg: Any) -> list[StagePlan]:
     """Every stage of the pipeline (all ranks'), from `parallel.pp_split` or balanced by parameters."""
-    p = cfg.parallel
-    stages = num_stages(p)
+    stages = num_stages(cfg.parallel)
     names = list(model.layers.keys())
-    if p.pp_split is not None:
-        sizes = list(p.pp_split)
-    else:
-        costs = [sum(t.numel() for t in model.layers[n].parameters()) for n in names]
-        first = model.tok_embeddings.weight.numel()
-        last = model.output.weight.numel() + model.norm.weight.numel()
-        sizes = balanced_split(costs, first, last, stages)
-    plans, start = [], 0
-    for s, size in enumerate(sizes):
-        plans.append(StagePlan(s, tuple(names[start:start + size]), s == 0, s == stages - 1))
-        start += size
-    return plans
+    costs = [sum(t.numel() for t in model.layers[n].parameters()) for n in names]
+    first = model.tok_embeddings.weight.numel()
+    last = model.output.weight.numel() + model.norm.weight.numel()
+    split = stage_blocks(stages, cfg.parallel.pp_split, costs, first, last)
+    return [StagePlan(s, tuple(names[i] for i in blocks), s == 0, s == stages - 1) for s, blocks in enumerate(split)]
 
 
 class StageModule(nn.Module):

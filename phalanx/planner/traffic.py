@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
+from phalanx.parallel import pipeline
 from phalanx.parallel.layout import Layout
 from phalanx.planner.shapes import ModelShapes, Shape, model_shapes
 
@@ -56,19 +57,12 @@ def _padded(shape: Shape, n: int) -> int:
 
 
 @lru_cache(maxsize=256)
-def stage_blocks(shapes: ModelShapes, stages: int) -> tuple[tuple[int, ...], ...]:
-    """Block indices of every pipeline stage: `phalanx.parallel.pipeline.balanced_split` on the same costs."""
-    from phalanx.parallel.pipeline import balanced_split
-
+def stage_blocks(shapes: ModelShapes, stages: int, pp_split: Optional[tuple[int, ...]]) -> tuple[range, ...]:
+    """Block indices of every pipeline stage: `phalanx.parallel.pipeline.stage_blocks` on the same costs."""
     costs = [shapes.numel(b.dense + b.experts) for b in shapes.blocks]
     first = shapes.numel((shapes.embedding,))
     last = shapes.numel((shapes.head, shapes.norm))
-    sizes = balanced_split(costs, first, last, stages)
-    out, start = [], 0
-    for size in sizes:
-        out.append(tuple(range(start, start + size)))
-        start += size
-    return tuple(out)
+    return tuple(pipeline.stage_blocks(stages, pp_split, costs, first, last))
 
 
 @dataclass(frozen=True)
@@ -82,18 +76,15 @@ class StageParams:
 
 
 def rank_stages(cfg: Any, layout: Layout, pp_rank: int) -> list[StageParams]:
+    """The stages the rank at pipeline coordinate `pp_rank` runs, as the trainer splits them."""
     shapes = model_shapes(cfg.model)
     if layout.pp == 1:
         return [StageParams(0, True, True, tuple(range(len(shapes.blocks))))]
     n = layout.pp * layout.virtual
-    if cfg.parallel.pp_split is not None and len(cfg.parallel.pp_split) == n:
-        sizes, start, split = list(cfg.parallel.pp_split), 0, []
-        for size in sizes:
-            split.append(tuple(range(start, start + size)))
-            start += size
-    else:
-        split = stage_blocks(shapes, n)
-    return [StageParams(s, s == 0, s == n - 1, split[s]) for s in range(pp_rank, n, layout.pp)]
+    pp_split = cfg.parallel.pp_split  # a split for another number of stages leaves this layout balanced
+    split = stage_blocks(shapes, n, tuple(pp_split) if pp_split is not None and len(pp_split) == n else None)
+    return [StageParams(s, s == 0, s == n - 1, tuple(split[s])) for s in range(n)
+            if pipeline.stage_rank(s, layout.pp) == pp_rank]
 
 
 def _root_shapes(shapes: ModelShapes, stage: StageParams) -> tuple[Shape, ...]:
