@@ -60,7 +60,11 @@ class SnapshotEngine:
         self.node = self.nodes[ctx.rank]
         self.store = CheckpointStore(self.cfg.storage or os.path.join(run_dir, "checkpoints"),
                                      key=signing_key(self.secret) if self.cfg.sign else None, run_hint=run_dir)
-        groups, self.erasure_reason = erasure_groups(self.nodes, self.cfg.erasure_k, self.cfg.erasure_m)
+        groups, why_no_parity = erasure_groups(self.nodes, self.cfg.erasure_k, self.cfg.erasure_m)
+        if not groups and ctx.is_main:  # said once: a run on several nodes expects to survive losing one
+            event("erasure_off", reason=why_no_parity)
+            if len(set(self.nodes)) > 1 and self.cfg.erasure_m > 0:
+                print(f"phalanx: {why_no_parity}", flush=True)
         codec = ErasureCodec(self.cfg.erasure_k, self.cfg.erasure_m) if groups else None
         my_group, my_index = next(((g, g.members.index(ctx.rank)) for g in groups if ctx.rank in g.members),
                                   (None, -1))

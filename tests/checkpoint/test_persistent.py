@@ -118,6 +118,10 @@ def test_a_dp2_checkpoint_resumes_at_dp4_and_loads_with_plain_dcp(tmp_path):
     train_local(CONFIG, run_overrides(tmp_path / "run", "train.steps=6", *common), 4)
     restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
     assert restore["restored_from"] == "storage" and restore["step"] == 4, restore
+    # one node: no parity, and each launch says why
+    assert {e["reason"] for e in events(run_dir) if e["event"] == "erasure_off"} == {
+        "erasure coding k=2, m=1 needs 3 nodes and this run has 1: snapshots survive process crashes (keeper) but "
+        "not the loss of a node"}
     got, want = losses(run_dir), losses(tmp_path / "ref" / "t")
     assert sorted(got) == list(range(1, 7))
     for step in (5, 6):  # the same global batches, now over 4 ranks: equal to rounding
