@@ -1,7 +1,7 @@
 """MoE layer: phalanx's against DeepSpeed's `deepspeed.moe.layer.MoE`, forward + backward, in one run.
 
 Same hidden size, experts (SwiGLU, the same hidden size), top-k, capacity factor and tokens; both
-drop over capacity (DeepSpeed: per rank's tokens; phalanx: per sequence, see parallel/expert.py),
+drop over capacity (DeepSpeed: per rank's tokens; phalanx: per sequence, see models/routing.py),
 DeepSpeed's random token selection and second-expert sampling are off so both route
 deterministically. The two layers alternate iteration by iteration so machine noise hits both.
 
@@ -41,14 +41,6 @@ SHAPES = {  # tokens = batch * seq per rank
     "tiny": dict(batch=2, seq=32, d_model=64, ffn=128, experts=4, top_k=2, capacity_factor=1.25),  # --quick
 }
 QUICK = {"iters": 2, "shape": "tiny", "start_method": "fork"}  # --quick: checks the script runs; not a result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layers(shape: dict, ep: int, device: torch.device, kernel: str = "auto"):
@@ -147,9 +139,11 @@ def _worker(rank: int, world: int, port: int, shape: dict, iters: int, device_ty
 
 def run(world: int, shape: dict, iters: int, device_type: str, kernel: str = "auto",
         start_method: str = "spawn") -> dict:
+    from phalanx.parallel.local_ranks import free_port
+
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_worker, args=(world, _free_port(), shape, iters, device_type, kernel, out), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), shape, iters, device_type, kernel, out), nprocs=world,
                            join=True, start_method=start_method)
         return torch.load(out)
 
