@@ -187,10 +187,6 @@ class PipelineSplit:
             model.norm, model.output = None, None
         return PipelineParts(model, [StageModule(model, plan) for plan in mine])
 
-    @staticmethod
-    def apply(model: nn.Module, mesh: Any, cfg: Any) -> nn.Module:  # the Strategy protocol; see split()
-        raise TypeError("the pipeline strategy splits the model: call split(model, mesh, cfg)")
-
 
 for _name in SCHEDULES:
     register("pipeline", _name)(PipelineSplit(_name))

@@ -1,13 +1,8 @@
 """The Trainer: build -> loop -> hooks. It composes parallel strategies; it owns no parallel logic.
 
-Build order (each step documented because strategies depend on it):
-  1. the model on the meta device (no memory);
-  2. strategies that reshape the model on meta: sequence, then expert (when the model has MoE
-     layers: sp wiring, and experts sharded over ep), then pipeline (this rank's blocks and stages);
-  3. a data-parallel back end that shards parameters (`on_meta`, e.g. FSDP) wraps the meta model,
-     or each pipeline stage;
-  4. materialise on the device, initialised from `run.seed` (identical on every rank);
-  5. a data-parallel back end that wraps real tensors (DDP) does so; then `torch.compile` if asked.
+Build: the model on the meta device, then `parallel.parallelize` applies the layout's strategies in
+their documented order and materialises it (initialised from `run.seed`, identical on every rank);
+then `torch.compile` if asked, the optimizer, the data position and the snapshot engine.
 """
 
 from __future__ import annotations
@@ -29,11 +24,11 @@ from phalanx.config import PhalanxConfig
 from phalanx.data import DataPosition, build_dataset
 from phalanx.events import append_event
 from phalanx.faults import FaultInjector
-from phalanx.models import build_on_meta, flops_per_token, materialize
-from phalanx.parallel import registry
+from phalanx.models import build_on_meta, flops_per_token
 from phalanx.parallel.dist import DistContext, broadcast_object
 from phalanx.parallel.expert import moe_layers, moe_metrics
 from phalanx.parallel.layout import Layout
+from phalanx.parallel.parallelize import parallelize
 from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.pipeline import num_stages
 from phalanx.telemetry import comm, health
@@ -68,37 +63,19 @@ class Trainer:
         checkpoint_group = snapshot_group(ctx, cfg.fault.collective_timeout_s)  # before any back end's groups
         model = build_on_meta(cfg.model)
         self.n_params = model.num_params()
-        self.sequence = None
-        if cfg.parallel.sp > 1:
-            self.sequence = registry.get("sequence", cfg.parallel.sp_backend, "parallel.sp_backend")
-            model = self.sequence.apply(model, ctx.mesh, cfg)
-        self.expert = None
-        if moe_layers(model) and ctx.mesh is not None:
-            self.expert = registry.get("expert", cfg.parallel.ep_backend, "parallel.ep_backend")
-            model = self.expert.apply(model, ctx.mesh, cfg)
-        # Pipeline: this rank keeps its blocks in `model` and runs them as stage modules; data
-        # parallelism wraps each stage (what runs), the optimizer and the state see `model`.
-        stages, plans = [model], None
-        if cfg.parallel.pp > 1:
-            parts = registry.get("pipeline", cfg.parallel.pp_schedule, "parallel.pp_schedule").split(model, ctx.mesh, cfg)
-            model, stages, plans = parts.model, parts.stages, [stage.plan for stage in parts.stages]
+        layout = Layout.from_config(cfg)
+        parts = parallelize(model, layout=layout, mesh=ctx.mesh, cfg=cfg, device=self.device, seed=cfg.run.seed)
+        model, self.data_parallel, self.sequence, self.expert = parts.model, parts.data, parts.sequence, parts.expert
+        data_parallel = self.data_parallel
         self.moe_layers = moe_layers(model)
-        self.data_parallel = data_parallel = registry.get("data", cfg.parallel.dp_backend, "parallel.dp_backend")
-        if data_parallel.on_meta:
-            stages = [data_parallel.apply(stage, ctx.mesh, cfg) for stage in stages]
-        materialize(model, self.device, cfg.run.seed)
-        if not data_parallel.on_meta:
-            stages = [data_parallel.apply(stage, ctx.mesh, cfg) for stage in stages]
         self.pipeline: Optional["PipelineRunner"] = None
-        if plans is not None:
+        if parts.plans is not None:
             # only here: torch.distributed.pipelining imports torch._dynamo, 0.5 s of every rank's start
             from phalanx.parallel.pipeline_schedule import PipelineRunner
 
-            microbatches = Layout.from_config(cfg).pipeline_microbatches(cfg.train.batch_size)
-            self.pipeline = PipelineRunner(stages, plans, num_stages(cfg.parallel), cfg.parallel.pp_schedule,
-                                           microbatches, ctx.mesh["pp"].get_group(), self.device, cross_entropy)
-        else:
-            model = stages[0]
+            self.pipeline = PipelineRunner(parts.stages, parts.plans, num_stages(cfg.parallel), layout.pp_schedule,
+                                           layout.pipeline_microbatches(cfg.train.batch_size),
+                                           ctx.mesh["pp"].get_group(), self.device, cross_entropy)
         if cfg.train.compile:
             model = torch.compile(model)
         comm.enable(cfg.parallel.comm_stats)
