@@ -18,7 +18,6 @@ fixed per-step overhead. Every CPU term is calibrated by `phalanx plan --calibra
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
