@@ -7,6 +7,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One torch thread in this process, as in every rank the tests start: on a 2-core machine its in-process runs
+# share the cores with keepers and ranks, and two OpenMP threads with one core taken wait on each other at
+# every operation (a 6-step run of the tests' model took 4 s instead of 1).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
