@@ -23,7 +23,8 @@ from phalanx.parallel import validate
 from phalanx.models import build_on_meta, materialize
 from tests.checkpoint.test_recovery import keeper_pid
 from tests.trainer.test_trainer import make_trainer
-from tests.helpers import (CONFIG, REPO, events, final_checkpoint, kill_tree, load_checkpoint, loopback_env, losses,
+from tests.parallel.test_loss_curves import COMMON as CURVE, STEPS as CURVE_STEPS
+from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint, loopback_env, losses,
                            phalanx_cmd, run_overrides, train_local, wait_for_step)
 
 def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
@@ -126,3 +127,25 @@ def test_a_dp2_checkpoint_resumes_at_dp4_and_loads_with_plain_dcp(tmp_path):
     assert sorted(got) == list(range(1, 7))
     for step in (5, 6):  # the same global batches, now over 4 ranks: equal to rounding
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+
+
+@pytest.mark.slow
+def test_a_zero2_run_resumes_from_storage_bit_for_bit(reference_run, tmp_path):
+    """A ZeRO-2 run (DeepSpeed's state, restored from storage: its snapshots are taken at persist steps only)
+    resumes from its oldest kept checkpoint and ends as the uninterrupted run did. The run under test is a copy
+    of the test_loss_curves zero2 run with its newer checkpoints removed: a copy has no keepers, so it resumes
+    from storage."""
+    config = REPO / "configs" / "tiny_zero.yaml"
+    ref = reference_run(config, 2, *CURVE)
+    shutil.copytree(ref.parent, tmp_path / "run", ignore=shutil.ignore_patterns("*.pt-export"))
+    run_dir = tmp_path / "run" / "t"
+    oldest, *newer = CheckpointStore(str(run_dir / "checkpoints")).committed_steps()
+    assert newer and oldest < CURVE_STEPS, (oldest, newer)
+    for step in newer:
+        shutil.rmtree(final_checkpoint(run_dir, step))
+    train_local(config, run_overrides(tmp_path / "run", *CURVE), 2)
+    restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
+    assert restore["restored_from"] == "storage" and restore["step"] == oldest, restore
+    assert_bitwise_equal(load_checkpoint(final_checkpoint(ref, CURVE_STEPS), rank_local=False),
+                         load_checkpoint(final_checkpoint(run_dir, CURVE_STEPS), rank_local=False))
+    assert losses(run_dir) == losses(ref)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -100,23 +99,6 @@ def test_sigkill_at_a_random_step_then_relaunch_is_bitwise_identical(reference_r
     assert losses(ref_dir) == losses(kill_dir)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    args = ["train", CONFIG, *run_overrides(tmp_path, "train.steps=100000", "checkpoint.persist_every=0")]
-    proc = subprocess.Popen(phalanx_cmd(args), cwd=REPO, env=loopback_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_step(tmp_path / "t", 3, proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    assert "stopped by signal" in out
-    events = [json.loads(line) for line in (tmp_path / "t" / "events.jsonl").read_text().splitlines()]
-    stopped = [e for e in events if e["event"] == "interrupted"]
-    assert stopped and (final_checkpoint(tmp_path / "t", stopped[0]["step"]) / "manifest.json").exists()
-
-
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     whole = make_trainer(tmp_path / "whole", "train.steps=5", "train.micro_batch_size=8")
     whole.fit()
@@ -162,7 +144,7 @@ def test_retention_keeps_the_newest_and_ignores_torn_checkpoints(tmp_path):
     assert store.latest() == 5
     skipped = []
     assert store.newest_valid(lambda step, problem: skipped.append((step, problem))) == 5
-    assert skipped == [(9, f"step-9 has no readable manifest.json (an interrupted write): incomplete")]
+    assert skipped == [(9, "step-9 has no readable manifest.json (an interrupted write): incomplete")]
 
 
 def test_resume_false_starts_fresh_beside_the_old_run(tmp_path):
@@ -204,19 +186,25 @@ def test_wandb_offline_run_continues_after_resume(tmp_path):
     assert "WANDB_MODE" not in os.environ or os.environ["WANDB_MODE"] != "online"
 
 
-def test_a_second_launch_on_a_busy_run_folder_is_refused(tmp_path):
-    args = ["train", CONFIG, *run_overrides(tmp_path, "train.steps=100000", "checkpoint.persist_every=2")]
-    first = subprocess.Popen(phalanx_cmd(args), cwd=REPO, env=loopback_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+def test_a_second_launch_on_a_busy_run_folder_is_refused_and_sigterm_saves_and_exits_cleanly(tmp_path):
+    # (A lock whose process was SIGKILLed is no longer held: the relaunch of the SIGKILL test above.)
+    # (log.every=50: its output waits in a pipe until it ends)
+    args = ["train", CONFIG, *run_overrides(tmp_path, "train.steps=100000", "checkpoint.persist_every=0",
+                                            "log.every=50")]
+    first = subprocess.Popen(phalanx_cmd(args), cwd=REPO, env=loopback_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for_step(tmp_path / "t", 3, first)
-        second = run_phalanx(args, timeout=120)
+        config = (tmp_path / "t" / "config.yaml").read_text()
+        second = run_phalanx([*args[:-1], "checkpoint.persist_every=2"], timeout=120)
         assert second.returncode == 2
         assert "is in use by phalanx pid" in second.stderr and str(first.pid) in second.stderr
-        config = (tmp_path / "t" / "config.yaml").read_text()
+        assert (tmp_path / "t" / "config.yaml").read_text() == config  # the refused launch changed nothing
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    assert (tmp_path / "t" / "config.yaml").read_text() == config  # the refused launch changed nothing
-    again = run_phalanx([*args[:-1], "train.steps=4"])  # the lock died with its process
-    assert again.returncode == 0, again.stderr
+        first.kill()
+    assert first.returncode == 0, err
+    assert "stopped by signal" in out
+    stopped = [e for e in events(tmp_path / "t") if e["event"] == "interrupted"]
+    assert stopped and (final_checkpoint(tmp_path / "t", stopped[0]["step"]) / "manifest.json").exists()
