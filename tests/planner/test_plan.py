@@ -17,7 +17,7 @@ from phalanx.planner.placement import best_order, comm_times, mesh_order
 from phalanx.planner.plan import plan
 from phalanx.planner.topology import preset
 from phalanx.planner.traffic import traffic_table
-from tests.helpers import CONFIG, TINY, run_phalanx
+from tests.helpers import CONFIG, TINY
 
 LLAMA_8B = ["model.vocab_size=128256", "model.d_model=4096", "model.n_layers=32", "model.n_heads=32",
             "model.n_kv_heads=8", "model.ffn_dim=14336", "model.max_seq_len=8192", "data.seq_len=8192",
@@ -97,15 +97,25 @@ def test_plan_for_1024_devices_runs_in_seconds() -> None:
     assert plan(cfg, preset("L40S", nodes=1, gpus_per_node=2)).best is None
 
 
-def test_plan_cli_prints_the_table_and_writes_a_config(tmp_path) -> None:
+def phalanx_plan(capsys, *args: str) -> tuple[int, str, str]:
+    """`phalanx plan CONFIG ARGS` in this process (the CLI's main, as the console script calls it)."""
+    from phalanx.cli import main
+
+    code = main(["plan", CONFIG, *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_cli_prints_the_table_and_writes_a_config(tmp_path, capsys) -> None:
     out = tmp_path / "tiny.plan.yaml"
-    proc = run_phalanx(["plan", CONFIG, "--nodes", "2", "--gpus-per-node", "2", "--top", "3", "--write", str(out)])
-    assert proc.returncode == 0, proc.stderr
-    assert "recommended:" in proc.stdout and "bytes/step per dim" in proc.stdout, proc.stdout
+    code, stdout, stderr = phalanx_plan(capsys, "--nodes", "2", "--gpus-per-node", "2", "--top", "3", "--write",
+                                        str(out))
+    assert code == 0, stderr
+    assert "recommended:" in stdout and "bytes/step per dim" in stdout, stdout
     cfg = validate(load_config(str(out)), 4)  # the written config trains at the planned world size
-    assert proc.stdout.split("recommended: ")[1].startswith(Layout.from_config(cfg).name())
-    again = run_phalanx(["plan", CONFIG, "--nodes", "2", "--gpus-per-node", "2", "--write", str(out)])
-    assert again.returncode == 2 and "--force" in again.stderr  # nothing written over silently
+    assert stdout.split("recommended: ")[1].startswith(Layout.from_config(cfg).name())
+    code, _, stderr = phalanx_plan(capsys, "--nodes", "2", "--gpus-per-node", "2", "--write", str(out))
+    assert code == 2 and "--force" in stderr  # nothing written over silently
 
 
 @pytest.mark.parametrize("args,words", [
@@ -113,22 +123,22 @@ def test_plan_cli_prints_the_table_and_writes_a_config(tmp_path) -> None:
     (["--device", "B300"], ["--device='B300'", "H100"]),
     (["--topology", "/nonexistent/topo.json"], ["does not exist", "--calibrate"]),
 ])
-def test_plan_cli_errors_are_one_line(args: list[str], words: list[str]) -> None:
-    proc = run_phalanx(["plan", CONFIG, *args])
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_plan_cli_errors_are_one_line(args: list[str], words: list[str], capsys) -> None:
+    code, _, stderr = phalanx_plan(capsys, *args)
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1, stderr
     for word in words:
-        assert word in proc.stderr, proc.stderr
+        assert word in stderr, stderr
 
 
 @pytest.mark.slow
-def test_calibrate_measures_this_machine(tmp_path) -> None:
+def test_calibrate_measures_this_machine(tmp_path, capsys) -> None:
     path = tmp_path / "topology.json"
-    proc = run_phalanx(["plan", CONFIG, *TINY, "--calibrate", "--gpus-per-node", "2", "--topology", str(path),
-                        "--top", "2"], timeout=240)
-    assert proc.returncode == 0, proc.stderr
+    code, _, stderr = phalanx_plan(capsys, *TINY, "--calibrate", "--gpus-per-node", "2", "--topology", str(path),
+                                   "--top", "2")
+    assert code == 0, stderr
     topo = json.loads(path.read_text())
     assert topo["calibrated"] and topo["gpus_per_node"] == 2
     assert topo["peak_flops"] > 0 and topo["intra"]["bandwidth"] > 0 and topo["optimizer_bytes_per_s"] > 0
-    replay = run_phalanx(["plan", CONFIG, *TINY, "--topology", str(path), "--gpus-per-node", "2", "--nodes", "1"])
-    assert replay.returncode == 0 and "(calibrated)" in replay.stdout, replay.stderr
+    code, stdout, stderr = phalanx_plan(capsys, *TINY, "--topology", str(path), "--gpus-per-node", "2", "--nodes", "1")
+    assert code == 0 and "(calibrated)" in stdout, stderr
