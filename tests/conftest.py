@@ -19,6 +19,8 @@ torch.set_num_threads(1)
 def _no_keeper_outlives_the_tests(tmp_path_factory):
     """Checkpoint keepers are detached on purpose (they outlive trainers); the ones this session
     started for runs in temporary folders are stopped at its end."""
+    import glob
+    import shutil
     import tempfile
     import time
 
@@ -31,11 +33,24 @@ def _no_keeper_outlives_the_tests(tmp_path_factory):
     os.environ["TMPDIR"] = tempfile.tempdir = scratch
     started = time.time()
     yield
+    memory = set()
     for proc in psutil.process_iter(["cmdline", "create_time"]):
         cmdline = proc.info["cmdline"] or []
         if ("phalanx.checkpoint.keeper" in cmdline and proc.info["create_time"] >= started - 1
                 and any(arg.startswith(roots) for arg in cmdline)):
             proc.kill()
+            memory.add(os.path.join(cmdline[cmdline.index("--dir") + 1], cmdline[cmdline.index("--run-id") + 1]))
+    # A killed keeper leaves its run's slots in shared memory (RAM): gone with it, as when it lingers out. So
+    # do the slots of this session's runs whose keepers a test killed (every keeper of the run is gone).
+    from phalanx.checkpoint.link import default_keeper_dir, read_discovery
+
+    for run in glob.glob(os.path.join(default_keeper_dir(), "*")):
+        found = [read_discovery(path) for path in glob.glob(os.path.join(run, "node-*.json"))]
+        pids = [info["pid"] for info in found if info and "pid" in info]
+        if os.path.getmtime(run) >= started - 1 and pids and not any(map(psutil.pid_exists, pids)):
+            memory.add(run)
+    for path in memory:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

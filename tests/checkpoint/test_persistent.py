@@ -27,6 +27,17 @@ from tests.parallel.test_loss_curves import COMMON as CURVE, STEPS as CURVE_STEP
 from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint, loopback_env, losses,
                            phalanx_cmd, run_overrides, train_local, wait_for_step)
 
+def copy_back_to_the_oldest_checkpoint(run_dir: Path, copy: Path) -> int:
+    """A copy of a finished run folder without its checkpoints after the oldest kept one, whose step is returned.
+    Keepers belong to a run folder's path: the copy has none, and resumes from storage."""
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt-export"))
+    oldest, *newer = CheckpointStore(str(copy / "checkpoints")).committed_steps()
+    assert newer, f"{run_dir} kept one checkpoint: nothing to resume to"
+    for step in newer:
+        shutil.rmtree(final_checkpoint(copy, step))
+    return oldest
+
+
 def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
     first = make_trainer(tmp_path, "train.steps=6", "checkpoint.persist_every=2")
     first.fit()  # persists every 2 steps (one is skipped while the last write runs) and step 6 at the end
@@ -93,16 +104,13 @@ def test_sigkill_during_persistence_never_leaves_a_valid_looking_torn_checkpoint
 
 @pytest.mark.slow
 def test_a_dp2_checkpoint_resumes_at_dp4_and_loads_with_plain_dcp(tmp_path):
-    common = ["train.batch_size=8", "train.micro_batch_size=2", "parallel.dp_backend=fsdp",
-              "checkpoint.persist_every=0"]
-    # The reference stops at 4 and resumes at the same dp (train.steps is part of the LR schedule, so
-    # the run under test must be interrupted at the same step, not compared with a 6-step run). The run under
-    # test is a copy of the reference at step 4: keepers belong to a run folder's path, so the copy has none
-    # and resumes from storage. Every run is on pooled local ranks (the same code as torchrun ranks).
-    train_local(CONFIG, run_overrides(tmp_path / "ref", "train.steps=4", *common), 2)
-    shutil.copytree(tmp_path / "ref", tmp_path / "run")
-    train_local(CONFIG, run_overrides(tmp_path / "ref", "train.steps=6", *common), 2)
+    common = ["train.batch_size=8", "train.micro_batch_size=2", "parallel.dp_backend=fsdp", "train.steps=6",
+              "checkpoint.persist_every=2"]
+    # The run under test is a copy of a dp2 run back at its oldest checkpoint (train.steps is part of the LR
+    # schedule: both runs have 6). Every run is on pooled local ranks (the same code as torchrun ranks).
+    train_local(CONFIG, run_overrides(tmp_path / "ref", *common), 2)
     run_dir = tmp_path / "run" / "t"
+    resumed = copy_back_to_the_oldest_checkpoint(tmp_path / "ref" / "t", run_dir)
 
     # Plain DCP, one process, no process group: the unsharded model takes the (FSDP-sharded) weights.
     cfg = validate(load_config(CONFIG, run_overrides(tmp_path / "plain", *common)), 1)
@@ -110,22 +118,22 @@ def test_a_dp2_checkpoint_resumes_at_dp4_and_loads_with_plain_dcp(tmp_path):
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(final_checkpoint(run_dir, 4)))
-    saved = load_checkpoint(final_checkpoint(run_dir, 4))["model"]
+        dcp.load(state, checkpoint_id=str(final_checkpoint(run_dir, resumed)))
+    saved = load_checkpoint(final_checkpoint(run_dir, resumed))["model"]
     assert saved.keys() == state["model"].keys()
     for name, value in state["model"].items():
         assert torch.equal(value, saved[name]), name
 
-    train_local(CONFIG, run_overrides(tmp_path / "run", "train.steps=6", *common), 4)
+    train_local(CONFIG, run_overrides(tmp_path / "run", *common), 4)
     restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
-    assert restore["restored_from"] == "storage" and restore["step"] == 4, restore
+    assert restore["restored_from"] == "storage" and restore["step"] == resumed, restore
     # one node: no parity, and each launch says why
     assert {e["reason"] for e in events(run_dir) if e["event"] == "erasure_off"} == {
         "erasure coding k=2, m=1 needs 3 nodes and this run has 1: snapshots survive process crashes (keeper) but "
         "not the loss of a node"}
     got, want = losses(run_dir), losses(tmp_path / "ref" / "t")
     assert sorted(got) == list(range(1, 7))
-    for step in (5, 6):  # the same global batches, now over 4 ranks: equal to rounding
+    for step in range(resumed + 1, 7):  # the same global batches, now over 4 ranks: equal to rounding
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
 
 
@@ -133,16 +141,11 @@ def test_a_dp2_checkpoint_resumes_at_dp4_and_loads_with_plain_dcp(tmp_path):
 def test_a_zero2_run_resumes_from_storage_bit_for_bit(reference_run, tmp_path):
     """A ZeRO-2 run (DeepSpeed's state, restored from storage: its snapshots are taken at persist steps only)
     resumes from its oldest kept checkpoint and ends as the uninterrupted run did. The run under test is a copy
-    of the test_loss_curves zero2 run with its newer checkpoints removed: a copy has no keepers, so it resumes
-    from storage."""
+    of the test_loss_curves zero2 run back at its oldest checkpoint."""
     config = REPO / "configs" / "tiny_zero.yaml"
     ref = reference_run(config, 2, *CURVE)
-    shutil.copytree(ref.parent, tmp_path / "run", ignore=shutil.ignore_patterns("*.pt-export"))
     run_dir = tmp_path / "run" / "t"
-    oldest, *newer = CheckpointStore(str(run_dir / "checkpoints")).committed_steps()
-    assert newer and oldest < CURVE_STEPS, (oldest, newer)
-    for step in newer:
-        shutil.rmtree(final_checkpoint(run_dir, step))
+    oldest = copy_back_to_the_oldest_checkpoint(ref, run_dir)
     train_local(config, run_overrides(tmp_path / "run", *CURVE), 2)
     restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
     assert restore["restored_from"] == "storage" and restore["step"] == oldest, restore
