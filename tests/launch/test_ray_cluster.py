@@ -22,7 +22,7 @@ from tests.helpers import (CONFIG, assert_bitwise_equal, assert_loopback_only, e
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
-STEPS = 20  # long enough that the run is still going when the node goes, a few steps in
+STEPS = 12  # long enough that the run is still going when the node goes, after step 4
 # keeper_linger_s=1: the survivors' keepers hold the snapshots however long the replacement node takes
 # (they lingered out after 60 s with no trainer once, on a loaded machine, and the run started over)
 BASE = [f"train.steps={STEPS}", "train.batch_size=6", "train.micro_batch_size=2", "checkpoint.persist_every=10",
