@@ -123,11 +123,14 @@ def _worker(rank: int, world: int, port: int, shape: dict, iters: int, device_ty
     import deepspeed
     import torch.distributed as dist
 
+    from phalanx.parallel.zero import no_shared_memory_all_reduce
+
     backend = "nccl" if device_type == "cuda" else "gloo"
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend)
+    no_shared_memory_all_reduce()  # an inference-only op DeepSpeed would compile first (not timed either way)
     deepspeed.init_distributed(dist_backend=backend)
     ours, theirs = _layers(shape, world, device, kernel)
     result = _time_pair(ours, theirs, shape, device, iters, seed=rank)

@@ -53,8 +53,10 @@ def _layer_worker(rank: int, sp: int, port: int, shape: dict, iters: int, out: s
 
     from phalanx.models.gpt import CoreAttention
     from phalanx.parallel.sequence import UlyssesAttention
+    from phalanx.parallel.zero import no_shared_memory_all_reduce
 
     dist.init_process_group("gloo")
+    no_shared_memory_all_reduce()  # an inference-only op DeepSpeed would compile first (not timed either way)
     deepspeed.init_distributed(dist_backend="gloo")
     group = dist.new_group(list(range(sp)))
     B, T, H, KV, D = shape["batch"], shape["seq_per_rank"] * sp, shape["heads"], shape["kv_heads"], shape["head_dim"]

@@ -21,6 +21,15 @@ from phalanx.parallel.mesh import DATA_DIM
 from phalanx.parallel.registry import register
 
 
+def no_shared_memory_all_reduce() -> None:
+    """DeepSpeed's communication back end on a CPU builds a shared-memory all-reduce (the C++ op deepspeed_shm_comm,
+    compiled with ninja on first use in every new environment: 82 s here, and a compiler required) that only its
+    inference all-reduce calls; ZeRO reduces through torch.distributed. Marked incompatible, it is never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @register("data", "zero")
 class ZeroStrategy(TorchDataParallel):
 
@@ -64,6 +73,7 @@ class ZeroStrategy(TorchDataParallel):
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**62,
         }
+        no_shared_memory_all_reduce()
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                           dist_init_required=False)
         return engine
