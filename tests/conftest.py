@@ -46,7 +46,7 @@ def _no_keeper_outlives_the_tests(tmp_path_factory):
 
     for run in glob.glob(os.path.join(default_keeper_dir(), "*")):
         found = [read_discovery(path) for path in glob.glob(os.path.join(run, "node-*.json"))]
-        pids = [info["pid"] for info in found if info and "pid" in info]
+        pids = [info["pid"] for info in found if info]
         if os.path.getmtime(run) >= started - 1 and pids and not any(map(psutil.pid_exists, pids)):
             memory.add(run)
     for path in memory:

@@ -23,9 +23,10 @@ from phalanx.parallel import validate
 from phalanx.models import build_on_meta, materialize
 from tests.checkpoint.test_recovery import keeper_pid
 from tests.trainer.test_trainer import make_trainer
+from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint,
+                           loopback_env, losses, phalanx_cmd, run_overrides, train_local, wait_for_step)
 from tests.parallel.test_loss_curves import COMMON as CURVE, STEPS as CURVE_STEPS
-from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint, loopback_env, losses,
-                           phalanx_cmd, run_overrides, train_local, wait_for_step)
+
 
 def copy_back_to_the_oldest_checkpoint(run_dir: Path, copy: Path) -> int:
     """A copy of a finished run folder without its checkpoints after the oldest kept one, whose step is returned.

@@ -21,8 +21,8 @@ import pytest
 
 from phalanx.checkpoint.keeper import discovery_file
 from phalanx.checkpoint.link import default_keeper_dir, run_identity
-from tests.helpers import (REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint, loopback_env,
-                           losses, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
+from tests.helpers import (REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint,
+                           loopback_env, losses, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
 from tests.parallel.test_loss_curves import COMMON as PP_RUN, STEPS as PP_STEPS
 
 pytestmark = pytest.mark.slow

@@ -1,8 +1,8 @@
-"""The Ray controller on a local Ray cluster (loopback only, no dashboard): a killed worker and a hung rank
-are detected, named and recovered from keeper memory, bit for bit (DDP; FSDP with experts); a straggler is
-reported; failures back to back and during a recovery are survived; too many failures end cleanly, naming the newest checkpoint; a
-failed rank's slot gets a warm spare. (A node removed from a 3-node `ray.cluster_utils.Cluster` and rebuilt
-from parity: test_ray_cluster.py.)"""
+"""The Ray controller on a local Ray cluster (loopback only, no dashboard): a killed worker and a hung rank are
+detected, named and recovered from keeper memory, bit for bit (DDP; FSDP with experts); a straggler is reported;
+failures back to back and during a recovery are survived; too many failures end cleanly, naming the newest
+checkpoint; a failed rank's slot gets a warm spare. (A node removed from a 3-node `ray.cluster_utils.Cluster` and
+rebuilt from parity: test_ray_cluster.py.)"""
 
 from __future__ import annotations
 
