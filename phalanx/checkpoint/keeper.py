@@ -3,7 +3,9 @@
 A keeper holds, for every rank of its node, three snapshot slots in shared-memory files the trainer
 maps and fills (the newest complete one, the one filling, and one a persistence write may pin), the
 parity blocks of the erasure groups it serves, and a thread that writes committed snapshots to the
-persistent tier (`persistent.py`) — the keeper, not the trainer, pays for storage I/O. It listens on
+persistent tier (`persistent.py`) while the run trains — the keeper, not the trainer, pays for that
+storage I/O (a step the run stops to wait for, its trainers write themselves). It loads torch only for a
+run that will send it parity or persist requests (`register`'s `warm`). It listens on
 one TCP port of the cluster's interface (loopback for a local run); every connection proves it has
 the run's secret (`wire.py`), checked for all new connections at once in the serving thread
 (`gate.py`): at most `max_pending` in the handshake, none longer than `handshake_timeout_s`, and only
@@ -110,11 +112,19 @@ class Keeper:
         self.clients = 0
         self.last_activity = time.monotonic()
         self.stop_requested = False
+        self.warming = False  # torch and the persistent tier load in the background, once
 
     # ---- memory ---------------------------------------------------------------------------
 
-    def register(self, rank: int, nbytes: int, plan: dict[str, Any], max_block: int = 0) -> dict[str, Any]:
-        """Slots for `rank`; `max_block`, the largest block of any rank, bounds the parity it may receive."""
+    def register(self, rank: int, nbytes: int, plan: dict[str, Any], max_block: int = 0,
+                 warm: bool = False) -> dict[str, Any]:
+        """Slots for `rank`; `max_block`, the largest block of any rank, bounds the parity it may receive.
+        `warm`: the run will send parity or persist while it trains, so torch and the persistent tier load
+        now, while it warms up, not on its first checkpoint (seconds of CPU a keeper that only holds
+        snapshots never spends)."""
+        if warm and not self.warming:
+            self.warming = True
+            threading.Thread(target=__import__, args=("phalanx.checkpoint.persistent",), daemon=True).start()
         with self.lock:
             self.stop_requested = False  # a trainer arrived after the last one said goodbye: keep serving
             self.frame_limit = max(self.frame_limit, nbytes, max_block)
@@ -252,11 +262,11 @@ class Keeper:
     def _persist_worker(self) -> None:
         """Writes ranks' files one at a time; the coordinator's wait for every rank's files (some of
         which this same keeper may still have to write) runs in a thread of its own."""
-        from phalanx.checkpoint.persistent import CheckpointStore
-        from phalanx.checkpoint.signing import signing_key
-
         while True:
             request, slot, nbytes, plan = self.persist_queue.get()
+            from phalanx.checkpoint.persistent import CheckpointStore  # loaded by `register` when warm
+            from phalanx.checkpoint.signing import signing_key
+
             rank, step = request["rank"], request["step"]
             outcome: dict[str, Any] = {"done": True}
             try:  # a bad storage URL too is reported, not the end of this thread
@@ -353,8 +363,6 @@ class Keeper:
             json.dump(info, f)
         os.replace(path + ".tmp", path)
         threading.Thread(target=self._persist_worker, daemon=True).start()
-        # torch (for parity and persistence) loads while the run warms up, not on its first checkpoint
-        threading.Thread(target=__import__, args=("torch",), daemon=True).start()
         try:
             while True:
                 for conn in gate.poll(0.5):
@@ -389,9 +397,11 @@ Handler = Callable[[Keeper, dict[str, Any], Optional[memoryview]], tuple[dict[st
 # op -> (handler, the fields it reads); other fields of a request are ignored.
 OPS: dict[str, tuple[Handler, dict[str, Field]]] = {
     "hello": (lambda k, h, p: ({"node": k.node, "pid": os.getpid(), "run_id": k.run_id}, None), {}),
-    "register": (lambda k, h, p: (k.register(h["rank"], h["nbytes"], h.get("plan", {}), h.get("max_block", 0)), None),
+    "register": (lambda k, h, p: (k.register(h["rank"], h["nbytes"], h.get("plan", {}), h.get("max_block", 0),
+                                             h.get("warm", False)), None),
                  {"rank": RANK, "nbytes": NBYTES, "plan": Field("dict", optional=True),
-                  "max_block": Field("int", upper=MAX_BLOCK_BYTES, optional=True)}),
+                  "max_block": Field("int", upper=MAX_BLOCK_BYTES, optional=True),
+                  "warm": Field("bool", optional=True)}),
     "begin": (lambda k, h, p: (k.begin(h["rank"], h["step"]), None), {"rank": RANK, "step": STEP}),
     "complete": (lambda k, h, p: (k.complete(h["rank"], h["slot"], h["step"]), None),
                  {"rank": RANK, "slot": Field("int", upper=SLOTS), "step": STEP}),

@@ -1,5 +1,6 @@
-"""The trainer's side of persistence: a committed step is written to the persistent store by the keepers
-(`keeper.py`), off the training process; a rank only asks its keeper to write and polls how it went."""
+"""The trainer's side of persistence. A step persisted while training goes on is written by the keepers
+(`keeper.py`), off the training process: a rank only asks its keeper to write it. A step the run waits
+for (its end, a stop request) is written by the trainers themselves, every rank its own files at once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from phalanx.errors import PhalanxError
 
 
 class PersistClient:
-    """Asks this rank's keeper to persist committed steps to `store`, and waits for it when told to."""
+    """Asks this rank's keeper to persist committed steps to `store`; writes the steps the run waits for."""
 
     def __init__(self, *, slots: KeeperSlots, store: CheckpointStore, collectives: CheckpointCollectives,
                  cfg: Any, rank: int, world_size: int, timeout: float):
@@ -38,21 +39,44 @@ class PersistClient:
                         coordinator=self.rank == 0, timeout_s=self.timeout, keep_last=self.cfg.keep_last,
                         info={"world_size": self.world_size}, sign=self.cfg.sign)
 
-    def persist_and_wait(self, step: int) -> Optional[str]:
-        """Persist the committed `step` and wait until this rank's part (rank 0: the manifest) is written;
-        returns the checkpoint path on rank 0. Collective."""
+    def persist_and_wait(self, step: int, block: memoryview, plan: dict[str, Any]) -> Optional[str]:
+        """Persist the committed `step`, whose snapshot is `block` (this rank's slot, laid out by `plan`), and
+        wait until every rank's files and the manifest are written; returns the checkpoint path on rank 0.
+        Collective.
+
+        The ranks write their own files: the run waits for this write, so there is no training left for a
+        keeper to take it off, and a keeper asked now may first have to load torch and DCP (seconds, more
+        than a small run's write). A step a keeper was already asked to persist is left to it; every earlier
+        keeper write finishes first, so retention never meets a step still being written."""
         deadline = time.monotonic() + self.timeout
-        while step not in self.requested and self.busy():  # an earlier write finishes first
-            if time.monotonic() > deadline:
-                raise PhalanxError(f"an earlier persistent write did not finish within {self.timeout:.0f}s")
-            time.sleep(0.02)
-        self.collectives.barrier()  # every rank's keeper is free before any is asked
-        self.request(step)
-        while time.monotonic() < deadline:
-            status = self.slots.call("persist_status", rank=self.rank, step=step)
-            if status.get("done"):
+        for earlier in sorted(self.requested):
+            status = self._keeper_status(earlier, deadline)
+            if earlier == step:
                 if "error" in status:
                     raise PhalanxError(f"persisting step {step} failed in the keeper: {status['error']}")
                 return status.get("path")
+        self.collectives.barrier()  # every rank's keeper is done before any rank writes
+        try:
+            self.store.write_rank(step, self.rank, block, plan)
+            problem = None
+        except Exception as err:  # noqa: BLE001 - every rank learns which rank failed, and why
+            problem = f"{type(err).__name__}: {err}"
+        problems = [(r, p) for r, p in enumerate(self.collectives.all_gather(problem)) if p is not None]
+        if problems:
+            named = "; ".join(f"rank {r}: {p}" for r, p in problems)
+            raise PhalanxError(f"persisting step {step} to checkpoint.storage={self.store.url} failed ({named}); "
+                               f"fix the storage and relaunch: the step is still in the keepers' memory, and a "
+                               f"folder without its manifest is never loaded")
+        if self.rank != 0:
+            return None
+        return self.store.finalize(step, self.world_size, max(deadline - time.monotonic(), 1.0), self.cfg.keep_last,
+                                   {"world_size": self.world_size})
+
+    def _keeper_status(self, step: int, deadline: float) -> dict[str, Any]:
+        """How the keeper's write of `step` went, once this rank's part (rank 0's: the manifest) is done."""
+        while time.monotonic() < deadline:
+            status = self.slots.call("persist_status", rank=self.rank, step=step)
+            if status.get("done"):
+                return status
             time.sleep(0.02)
         raise PhalanxError(f"persisting step {step} did not finish within {self.timeout:.0f}s")

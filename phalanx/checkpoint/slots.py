@@ -21,8 +21,9 @@ class KeeperSlots:
     """One connection to this node's keeper (one request at a time) and the slots mapped from it."""
 
     def __init__(self, *, cfg: Any, run_dir: str, run_id: str, secret: bytes, node: int, rank: int,
-                 device: torch.device, timeout: float, event: Callable[..., None]):
-        self.cfg, self.run_dir, self.run_id, self.secret = cfg, run_dir, run_id, secret
+                 device: torch.device, timeout: float, event: Callable[..., None], warm: bool = False):
+        """`warm`: the keeper will get parity or persist requests while the run trains (`Keeper.register`)."""
+        self.cfg, self.run_dir, self.run_id, self.secret, self.warm = cfg, run_dir, run_id, secret, warm
         self.node, self.rank, self.device, self.timeout, self.event = node, rank, device, timeout, event
         self.keeper_dir = cfg.keeper_dir or default_keeper_dir()
         self.host = keeper_host(cfg.keeper_host)
@@ -53,7 +54,7 @@ class KeeperSlots:
                                          self.keeper_dir, self.cfg.keeper_linger_s, self.timeout)
         nbytes = measured.layout.nbytes
         reply, _ = self.keeper.call("register", rank=self.rank, nbytes=nbytes, plan=measured.plan,
-                                    max_block=measured.largest)
+                                    max_block=measured.largest, warm=self.warm)
         self.unmap()
         for path in reply["paths"]:
             with open(path, "r+b") as f:
@@ -97,6 +98,10 @@ class KeeperSlots:
         if slot not in self._views:
             self._views[slot] = self._registered.layout.views(self.blocks[slot])
         return self._views[slot]
+
+    def memory(self, slot: int) -> memoryview:
+        """The registered block of `slot`, as bytes."""
+        return memoryview(self._maps[slot])[: self._registered.layout.nbytes]
 
     def _pin(self, block: torch.Tensor) -> None:
         code = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0)

@@ -5,7 +5,8 @@ After optimizer step S the state is immutable until step S+1's optimizer step (D
 worker (on CUDA a side stream into page-locked memory); `wait_copied()` before the next optimizer
 step is the only place training can wait. The worker then commits S: the block is marked complete in
 the keeper, parity goes to the keepers of the erasure group, and every rank agrees on the checkpoint's
-own gloo group that S is complete everywhere. Persistence of a committed step is the keeper's job.
+own gloo group that S is complete everywhere. A committed step is persisted by the keepers while training
+goes on, and by the trainers themselves when the run waits for it (`persist_client.py`).
 
 `SnapshotEngine` is the trainer's handle and only sequences its parts, one concern each:
 `KeeperSlots` (attach, slots, pinning), `PeerKeepers` (other nodes' keepers), `SnapshotSources` and
@@ -71,7 +72,8 @@ class SnapshotEngine:
         self.measured: Optional[Measurement] = None
         self.slots = KeeperSlots(cfg=self.cfg, run_dir=run_dir, run_id=self.run_id, secret=self.secret,
                                  node=self.node, rank=ctx.rank, device=ctx.device, timeout=self.timeout,
-                                 event=self._emit)
+                                 event=self._emit,
+                                 warm=bool(groups) or 0 < self.cfg.persist_every < cfg.train.steps)
         self.peers = PeerKeepers(self.slots, self.secret, self.timeout)
         self.sources = SnapshotSources(state_fn, light_fn)
         self.copier = SlotCopier(ctx.device)
@@ -86,6 +88,7 @@ class SnapshotEngine:
         self._started = False  # keepers started and addresses exchanged (at the first snapshot)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phalanx-snapshot")
         self.job: Optional[concurrent.futures.Future] = None
+        self.committed_slot = -1  # the keeper slot of the newest committed step
         self.copied = threading.Event()
         self.copied.set()
         self.stall_s = 0.0  # main-thread seconds spent in snapshot() and wait_copied()
@@ -198,6 +201,7 @@ class SnapshotEngine:
         committed, busy = self.commit.agree(step, ok, persist and ok and self.persist.busy())
         if not committed:
             return
+        self.committed_slot = slot
         if persist and not busy:
             self.persist.request(step)
         elif persist and self.ctx.is_main:
@@ -208,14 +212,14 @@ class SnapshotEngine:
     # ---- persistence and restore ---------------------------------------------------------
 
     def persist_and_wait(self, step: int) -> Optional[str]:
-        """Snapshot `step` if needed, persist it, wait until this rank's part (rank 0: the manifest) is
-        written; returns the checkpoint path on rank 0. Collective."""
+        """Snapshot `step` if needed, persist it from its keeper slot and wait until it is written; returns
+        the checkpoint path on rank 0. Collective."""
         if self.finish() != step:
             self.snapshot(step)
             if self.finish() != step:
                 raise PhalanxError(f"the snapshot of step {step} did not commit ({self.commit.last_error}); "
                                    f"see events.jsonl")
-        return self.persist.persist_and_wait(step)
+        return self.persist.persist_and_wait(step, self.slots.memory(self.committed_slot), self.measured.plan)
 
     def restore(self, template_fn: StateFn) -> tuple[Optional[dict[str, Any]], Optional[int], dict[str, Any]]:
         """(state, step, info): the newest usable state, from memory if any, else storage (`restore_plan`).

@@ -39,6 +39,14 @@ class KeeperActor:
         run's end released it). `ping` is for the start."""
         return os.getpid()
 
+    def drain(self, timeout_s: float) -> int:
+        """Waits at most `timeout_s` for the persistent writes the keeper has in hand (a run that gives up
+        keeps what its keepers were writing); returns how many are left."""
+        deadline = time.monotonic() + timeout_s
+        while self.keeper.persisting and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.keeper.persisting
+
     def ping(self) -> int:
         """The keeper's pid, once it listens: a trainer that looked for it earlier would find no discovery
         file and start a keeper of its own for the node. Raises when it does not serve (it stopped: a

@@ -90,6 +90,15 @@ class AttemptLauncher:
             run_id, node, secret.hex(), c.keeper_host, c.keeper_dir)
         ray.get(self.keepers[node].ping.remote(), timeout=60)
 
+    def drain_keepers(self, timeout_s: float) -> None:
+        """Before the run gives up: the persistent writes the keepers have in hand finish (at most
+        `timeout_s`), so the newest checkpoint a user is told of is not lost when the keepers go."""
+        import ray
+
+        calls = [keeper.drain.remote(timeout_s) for keeper in self.keepers.values()]
+        if calls:
+            ray.wait(calls, num_returns=len(calls), timeout=timeout_s + 5.0)
+
     def start(self, attempt: int, pg: Any, node_ids: list[str], bundles: list[int], workers: list[Optional[Any]]
                ) -> tuple[list[Any], list[int], list[Any]]:
         """Keepers on every node, a worker in every bundle (survivors of the last attempt are reused:

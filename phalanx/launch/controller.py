@@ -291,6 +291,7 @@ class Controller:
                     workers = self._survivors(workers, futures, failure)
                     last_step = self.reached
                 if restarts >= self.fault.max_restarts:
+                    self.attempts.drain_keepers(self.fault.collective_timeout_s)
                     message = (f"giving up after fault.max_restarts={self.fault.max_restarts} recoveries "
                                f"(last: {failure}); {newest_checkpoint(self.cfg, self.run_dir)}")
                     append_event(self.run_dir, "gave_up", restarts=restarts, message=message)

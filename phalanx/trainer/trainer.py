@@ -95,7 +95,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.train.dtype)
         self.last_lr = 0.0
-        # Snapshots: after every `snapshot_every` steps into this node's keeper; persisted by the keepers.
+        # Snapshots: after every `snapshot_every` steps into this node's keeper; persisted by the keepers while
+        # training goes on, and by the trainers at the end or on a stop.
         self.snapshots = SnapshotEngine(cfg, ctx, run_dir, self.state_dict, rank_local,
                                         lambda kind, **fields: append_event(run_dir, kind, **fields),
                                         light_fn=self.changing_state, group=checkpoint_group)

@@ -1,5 +1,5 @@
-"""The persistent tier: corruption is detected and skipped, a SIGKILL mid-write never leaves a checkpoint
-that looks valid, and a checkpoint written by 2 ranks resumes on 4 (FSDP) and loads with
+"""The persistent tier: corruption is detected and skipped, a write that fails at the end says where and keeps
+the step in memory, a SIGKILL mid-write never leaves a checkpoint that looks valid, and a checkpoint written by 2 ranks resumes on 4 (FSDP) and loads with
 plain torch.distributed.checkpoint."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 from phalanx.checkpoint.persistent import CheckpointStore
 from phalanx.config import load_config
+from phalanx.errors import PhalanxError
 from phalanx.parallel import validate
 from phalanx.models import build_on_meta, materialize
 from tests.checkpoint.test_recovery import keeper_pid
@@ -64,6 +65,19 @@ def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
     restore = [e for e in events(resumed.run_dir) if e["event"] == "restore"][-1]
     assert restore["restored_from"] == "storage" and restore["step"] == previous, restore
     resumed.snapshots.close(release=True)
+
+
+def test_a_failed_write_at_the_end_names_the_rank_and_the_storage_and_the_keeper_keeps_the_step(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    storage = tmp_path / "a-file" / "checkpoints"
+    trainer = make_trainer(tmp_path, "train.steps=2", f"checkpoint.storage={storage}")
+    with pytest.raises(PhalanxError, match=rf"persisting step 2 to checkpoint.storage={storage} failed \(rank 0: "
+                                           r"NotADirectoryError.*the step is still in the keepers' memory"):
+        trainer.fit()
+    relaunched = make_trainer(tmp_path, "train.steps=2", f"checkpoint.storage={tmp_path / 'checkpoints'}")
+    assert relaunched.restore() == 2
+    assert [e for e in events(relaunched.run_dir) if e["event"] == "restore"][-1]["restored_from"] == "keeper"
+    relaunched.snapshots.close(release=True)
 
 
 def test_sigkill_during_persistence_never_leaves_a_valid_looking_torn_checkpoint(tmp_path):
