@@ -122,9 +122,8 @@ class Keeper:
         `warm`: the run will send parity or persist while it trains, so torch and the persistent tier load
         now, while it warms up, not on its first checkpoint (seconds of CPU a keeper that only holds
         snapshots never spends)."""
-        if warm and not self.warming:
-            self.warming = True
-            threading.Thread(target=__import__, args=("phalanx.checkpoint.persistent",), daemon=True).start()
+        if warm:
+            self.warm_up()
         with self.lock:
             self.stop_requested = False  # a trainer arrived after the last one said goodbye: keep serving
             self.frame_limit = max(self.frame_limit, nbytes, max_block)
@@ -146,6 +145,14 @@ class Keeper:
                         slots.append(Slot(path, mmap.mmap(f.fileno(), max(nbytes, 1))))
                 state = self.ranks[rank] = RankState(nbytes, slots, plan)
             return {"paths": [s.path for s in state.slots]}
+
+    def warm_up(self) -> None:
+        """Load torch and the persistent tier in the background, once."""
+        with self.lock:
+            if self.warming:
+                return
+            self.warming = True
+        threading.Thread(target=__import__, args=("phalanx.checkpoint.persistent",), daemon=True).start()
 
     def begin(self, rank: int, step: int) -> dict[str, Any]:
         """A slot for the snapshot of `step`: never the newest complete one, never a pinned one."""

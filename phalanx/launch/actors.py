@@ -21,7 +21,7 @@ class KeeperActor:
     attached, and a replacement node may take longer than checkpoint.keeper_linger_s to arrive
     (fault.wait_for_nodes_s), but the memory it holds is what the next attempt restores from."""
 
-    def __init__(self, run_id: str, node: int, secret_hex: str, host: str, keeper_dir: str):
+    def __init__(self, run_id: str, node: int, secret_hex: str, host: str, keeper_dir: str, warm: bool = False):
         from phalanx.checkpoint.keeper import Keeper, discovery_file
         from phalanx.checkpoint.link import default_keeper_dir
 
@@ -30,6 +30,8 @@ class KeeperActor:
         host = ray.util.get_node_ip_address() if host == "auto" else host
         keeper_dir = keeper_dir or default_keeper_dir()  # where this node's trainers look (same rule)
         self.keeper = Keeper(run_id, node, bytes.fromhex(secret_hex), host, keeper_dir, linger_s=math.inf)
+        if warm:  # the controller knows the run: torch loads beside the workers' start, not after it
+            self.keeper.warm_up()
         self.discovery = discovery_file(keeper_dir, run_id, node)
         self.serving = threading.Thread(target=self.keeper.serve, daemon=True)
         self.serving.start()
@@ -72,7 +74,7 @@ class TrainWorker:
     def free_port(self) -> int:
         """A port free on this node's Ray address, the one rank 0's store will listen on (`parallel/dist.py`);
         probed there only, so a loopback cluster never binds another interface, even briefly."""
-        from phalanx.parallel.dist import bound_socket
+        from phalanx.net import bound_socket
 
         with bound_socket(ray.util.get_node_ip_address(), 0) as s:
             return s.getsockname()[1]

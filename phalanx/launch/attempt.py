@@ -48,6 +48,7 @@ class AttemptLauncher:
         self.node_index: dict[str, int] = {}
         self.keepers: dict[int, Any] = {}  # node index -> KeeperActor
         self.standby = Standby()  # a warm spare worker per node replaces a failed rank
+        self.placed: tuple[Any, list[str]] = (None, [])  # the current attempt's placement group and nodes
 
     def place(self, previous: list[str]) -> tuple[Any, list[str], list[int]]:
         """A placement group of one bundle per worker (spread over the nodes), the Ray node of each rank and
@@ -68,8 +69,9 @@ class AttemptLauncher:
         bundles = keep_nodes([nodes[i] for i in range(self.workers)], previous)
         return pg, [nodes[b] for b in bundles], bundles
 
-    def keeper(self, node_id: str, node: int) -> None:
-        """A keeper actor on Ray node `node_id` for node index `node`, unless one there answers."""
+    def keeper(self, node_id: str, node: int, warm: bool) -> None:
+        """A keeper actor on Ray node `node_id` for node index `node`, unless one there answers; `warm`: it
+        loads torch and the persistent tier at once (`groups.keepers_work_while_training`)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -87,8 +89,14 @@ class AttemptLauncher:
         run_id, secret = run_identity(self.run_dir, c.key_file)
         self.keepers[node] = KeeperActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
-            run_id, node, secret.hex(), c.keeper_host, c.keeper_dir)
+            run_id, node, secret.hex(), c.keeper_host, c.keeper_dir, warm)
         ray.get(self.keepers[node].ping.remote(), timeout=60)
+
+    def warm_spares(self) -> None:
+        """Spares for the current attempt's nodes (`Standby.replenish`), once it trains."""
+        pg, node_ids = self.placed
+        if pg is not None:
+            self.standby.replenish(pg, node_ids)
 
     def drain_keepers(self, timeout_s: float) -> None:
         """Before the run gives up: the persistent writes the keepers have in hand finish (at most
@@ -105,6 +113,7 @@ class AttemptLauncher:
         their processes have torch imported and cost no start), then every rank's `phalanx train`."""
         import ray
 
+        from phalanx.checkpoint.groups import keepers_work_while_training
         from phalanx.launch.actors import node_index_of
 
         ray_nodes = [node_index_of(n, self.node_index) for n in node_ids]
@@ -112,9 +121,11 @@ class AttemptLauncher:
         # agree, see checkpoint/collectives.node_ids), each with its own keeper, lost together by a `node` fault
         simulate = self.cfg.checkpoint.simulate_nodes
         nodes = [rank * simulate // self.workers for rank in range(self.workers)] if simulate else ray_nodes
+        warm = keepers_work_while_training(self.cfg, nodes)
         for node in sorted(set(nodes)):
-            self.keeper(node_ids[nodes.index(node)], node)
+            self.keeper(node_ids[nodes.index(node)], node, warm)
         workers = self.standby.fill(workers, pg, node_ids, bundles)
+        self.placed = (pg, list(node_ids))
         master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
         port = ray.get(workers[0].free_port.remote(), timeout=60)
         overrides = [*self.overrides, f"run.name={os.path.basename(self.run_dir)}",

@@ -133,6 +133,7 @@ class Controller:
         beats: dict[int, dict[str, Any]] = {}
         last_seen = {rank: time.time() for rank in range(len(workers))}
         pending = dict(enumerate(futures))
+        warmed = False  # spares start warming once a step is done
         while True:
             done, _ = ray.wait(list(pending.values()), timeout=self.fault.heartbeat_s, num_returns=len(pending))
             if recovering is not None and self._record_recovery(*recovering):
@@ -168,6 +169,9 @@ class Controller:
                 except (RayActorError, GetTimeoutError):
                     pass  # a dead actor shows in its run future; a busy one answers next time
             self.reached = max([self.reached, *(b["step"] for b in beats.values())])
+            if not warmed and any(b["step"] > 0 for b in beats.values()):  # this attempt trains
+                self.attempts.warm_spares()
+                warmed = True
             failure = classify_failure(self._reports(nodes, last_seen, beats))  # a hang
             if failure is not None:
                 raise failure

@@ -2,7 +2,8 @@
 
 Most of a replacement's start is not Ray's: it is the new process importing torch and the trainer
 (benchmarks/recovery.py times both). So the controller keeps one spare `TrainWorker` per node, started
-with its imports done in the background, and a failed rank's bundle gets its node's spare instead of a new process.
+with its imports done in the background once the attempt trains, and a failed rank's bundle gets its node's
+spare instead of a new process.
 The spare runs beside the placement group (no resources of its own): only on CPU bundles, since a
 GPU worker's device comes with its bundle, and a spare holding a GPU would idle one.
 """
@@ -21,8 +22,7 @@ class Standby:
 
     def fill(self, workers: list[Optional[Any]], pg: Any, node_ids: list[str], bundles: list[int]) -> list[Any]:
         """`workers` with every empty slot filled: the node's spare when it is alive, else a new worker in
-        the slot's bundle (`bundles[i]`, on node `node_ids[i]`). Then a new spare warms on every node that
-        has none."""
+        the slot's bundle (`bundles[i]`, on node `node_ids[i]`)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from phalanx.launch.actors import TrainWorker
@@ -34,10 +34,15 @@ class Standby:
             if worker is None:
                 worker = TrainWorker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, bundles[i])).remote()
             filled.append(worker)
+        return filled
+
+    def replenish(self, pg: Any, node_ids: list[str]) -> None:
+        """A new spare warming on every node of `node_ids` that has none (CPU bundles only). The controller
+        calls it once an attempt has trained a step: a spare importing torch beside workers that import
+        it too would slow their start, on a node with few cores."""
         if not any(spec.get("GPU") for spec in pg.bundle_specs):
             for node_id in sorted(set(node_ids) - set(self.spares)):
                 self.spares[node_id] = self._spare(node_id)
-        return filled
 
     def _take(self, node_id: str) -> Optional[Any]:
         import ray

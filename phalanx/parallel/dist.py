@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from phalanx.errors import ConfigError
+from phalanx.net import bound_socket
 
 
 @dataclass
@@ -114,19 +115,6 @@ def rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> Opti
     # the store owns the socket from here (it closes it when it is destroyed)
     return dist.TCPStore(host, int(port), world, True, timeout, wait_for_workers=False,
                          master_listen_fd=listener.detach())
-
-
-def bound_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host` (a name or an IPv4/IPv6 address) and `port` (0: any free one) only."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def shutdown() -> None:

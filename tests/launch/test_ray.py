@@ -125,7 +125,9 @@ def test_a_failed_ranks_slot_gets_the_warm_spare_and_a_new_spare_warms(local_ray
     second: list = []
     try:
         first = standby.fill([None, None], pg, node_ids, [0, 1])
-        assert len(first) == 2 and list(standby.spares) == [node_ids[0]]  # one node: one spare
+        assert len(first) == 2 and standby.spares == {}  # no spare slows the workers' start
+        standby.replenish(pg, node_ids)  # the attempt trains
+        assert list(standby.spares) == [node_ids[0]]  # one node: one spare
         spare = standby.spares[node_ids[0]]
         assert ray.get(spare.warm.remote({"OMP_NUM_THREADS": "1"}), timeout=120) is None  # imports done
         ray.kill(first[1], no_restart=True)
@@ -133,6 +135,7 @@ def test_a_failed_ranks_slot_gets_the_warm_spare_and_a_new_spare_warms(local_ray
         second = standby.fill([first[0], None], pg, node_ids, [0, 1])
         assert second[0] is first[0]  # a survivor is kept
         assert second[1]._actor_id == spare._actor_id  # the dead rank's slot gets the warm spare
+        standby.replenish(pg, node_ids)
         replacement = standby.spares[node_ids[0]]
         assert replacement._actor_id != spare._actor_id  # and a new one warms for the next failure
         assert ray.get(replacement.where.remote(), timeout=60)[0] == node_ids[0]
@@ -148,6 +151,7 @@ def test_gpu_bundles_get_no_spare(local_ray):
 
     standby = Standby()
     survivors = [object(), object()]  # no slot to fill: only the spare policy is exercised
-    assert standby.fill(survivors, SimpleNamespace(bundle_specs=[{"GPU": 1, "CPU": 1}] * 2), ["n", "n"],
-                        [0, 1]) == survivors
+    gpu_bundles = SimpleNamespace(bundle_specs=[{"GPU": 1, "CPU": 1}] * 2)
+    assert standby.fill(survivors, gpu_bundles, ["n", "n"], [0, 1]) == survivors
+    standby.replenish(gpu_bundles, ["n", "n"])
     assert standby.spares == {}
