@@ -10,7 +10,6 @@ the missing members were zero blocks. Parity holders rotate with the group id to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,3 @@ def erasure_groups(node_of_rank: list[int], k: int, m: int) -> tuple[list[Erasur
         out.append(ErasureGroup(gid, tuple(members), parity))
     return out, f"erasure coding k={k}, m={m}: {len(out)} groups over {len(nodes)} nodes"
 
-
-def keepers_work_while_training(cfg: Any, node_of_rank: list[int]) -> bool:
-    """Whether the run's keepers get parity (erasure coding is on) or persistent writes (a persist step
-    before the last) while it trains: then they load torch and the persistent tier as it starts."""
-    c = cfg.checkpoint
-    return bool(erasure_groups(node_of_rank, c.erasure_k, c.erasure_m)[0]) or 0 < c.persist_every < cfg.train.steps

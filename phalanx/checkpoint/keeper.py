@@ -5,7 +5,7 @@ maps and fills (the newest complete one, the one filling, and one a persistence 
 parity blocks of the erasure groups it serves, and a thread that writes committed snapshots to the
 persistent tier (`persistent.py`) while the run trains — the keeper, not the trainer, pays for that
 storage I/O (a step the run stops to wait for, its trainers write themselves). It loads torch only for a
-run that will send it parity or persist requests (`register`'s `warm`). It listens on
+run that persists while it trains (`persists_while_training`, `register`'s `warm`). It listens on
 one TCP port of the cluster's interface (loopback for a local run); every connection proves it has
 the run's secret (`wire.py`), checked for all new connections at once in the serving thread
 (`gate.py`): at most `max_pending` in the handshake, none longer than `handshake_timeout_s`, and only
@@ -72,6 +72,12 @@ class ParitySlot:
         return len(self.got) == len(self.members)
 
 
+def persists_while_training(cfg: Any) -> bool:
+    """Whether a run asks its keepers for a persistent write before its last step (the last one its
+    trainers write): then its keepers load torch and the persistent tier as they start."""
+    return 0 < cfg.checkpoint.persist_every < cfg.train.steps
+
+
 def node_dir(keeper_dir: str, run_id: str, node: int) -> str:
     return os.path.join(keeper_dir, run_id, f"node-{node}")
 
@@ -119,9 +125,8 @@ class Keeper:
     def register(self, rank: int, nbytes: int, plan: dict[str, Any], max_block: int = 0,
                  warm: bool = False) -> dict[str, Any]:
         """Slots for `rank`; `max_block`, the largest block of any rank, bounds the parity it may receive.
-        `warm`: the run will send parity or persist while it trains, so torch and the persistent tier load
-        now, while it warms up, not on its first checkpoint (seconds of CPU a keeper that only holds
-        snapshots never spends)."""
+        `warm`: the run persists while it trains, so torch and the persistent tier load now, while it warms
+        up, not on its first persist (seconds of CPU a keeper that only holds snapshots never spends)."""
         if warm:
             self.warm_up()
         with self.lock:
@@ -198,7 +203,7 @@ class Keeper:
 
     def parity_add(self, gid: int, j: int, step: int, index: int, members: list[int], length: int,
                    fingerprint: str, epoch: str, payload: Optional[memoryview]) -> dict[str, Any]:
-        import torch
+        import numpy as np  # not torch: a keeper of a run that only codes parity never loads it
 
         payload = payload if payload is not None else memoryview(b"")
         if index >= len(members):
@@ -225,8 +230,8 @@ class Keeper:
                                  f"bytes of parity {j} of group {gid} step {step}")
             target.got.add(index)
             if len(payload):
-                dst = torch.frombuffer(target.buffer, dtype=torch.uint8, count=len(payload))
-                dst.bitwise_xor_(torch.frombuffer(payload, dtype=torch.uint8))
+                dst = np.frombuffer(target.buffer, dtype=np.uint8, count=len(payload))
+                np.bitwise_xor(dst, np.frombuffer(payload, dtype=np.uint8), out=dst)
             return {"complete": target.complete}
 
     def inventory(self) -> dict[str, Any]:

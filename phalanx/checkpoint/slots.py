@@ -22,7 +22,7 @@ class KeeperSlots:
 
     def __init__(self, *, cfg: Any, run_dir: str, run_id: str, secret: bytes, node: int, rank: int,
                  device: torch.device, timeout: float, event: Callable[..., None], warm: bool = False):
-        """`warm`: the keeper will get parity or persist requests while the run trains (`Keeper.register`)."""
+        """`warm`: the run persists while it trains (`Keeper.register`)."""
         self.cfg, self.run_dir, self.run_id, self.secret, self.warm = cfg, run_dir, run_id, secret, warm
         self.node, self.rank, self.device, self.timeout, self.event = node, rank, device, timeout, event
         self.keeper_dir = cfg.keeper_dir or default_keeper_dir()

@@ -29,7 +29,8 @@ from phalanx.checkpoint.collectives import CheckpointCollectives, node_ids
 from phalanx.checkpoint.commit import SnapshotCommit
 from phalanx.checkpoint.copies import SlotCopier, SnapshotSources, StateFn
 from phalanx.checkpoint.erasure import ErasureCodec
-from phalanx.checkpoint.groups import erasure_groups, keepers_work_while_training
+from phalanx.checkpoint.groups import erasure_groups
+from phalanx.checkpoint.keeper import persists_while_training
 from phalanx.checkpoint.link import run_identity
 from phalanx.checkpoint.measure import Measurement, measure
 from phalanx.checkpoint.peers import PeerKeepers
@@ -73,7 +74,7 @@ class SnapshotEngine:
         self.slots = KeeperSlots(cfg=self.cfg, run_dir=run_dir, run_id=self.run_id, secret=self.secret,
                                  node=self.node, rank=ctx.rank, device=ctx.device, timeout=self.timeout,
                                  event=self._emit,
-                                 warm=keepers_work_while_training(cfg, self.nodes))
+                                 warm=persists_while_training(cfg))
         self.peers = PeerKeepers(self.slots, self.secret, self.timeout)
         self.sources = SnapshotSources(state_fn, light_fn)
         self.copier = SlotCopier(ctx.device)

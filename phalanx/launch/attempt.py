@@ -71,7 +71,7 @@ class AttemptLauncher:
 
     def keeper(self, node_id: str, node: int, warm: bool) -> None:
         """A keeper actor on Ray node `node_id` for node index `node`, unless one there answers; `warm`: it
-        loads torch and the persistent tier at once (`groups.keepers_work_while_training`)."""
+        loads torch and the persistent tier at once (`keeper.persists_while_training`)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -113,7 +113,7 @@ class AttemptLauncher:
         their processes have torch imported and cost no start), then every rank's `phalanx train`."""
         import ray
 
-        from phalanx.checkpoint.groups import keepers_work_while_training
+        from phalanx.checkpoint.keeper import persists_while_training
         from phalanx.launch.actors import node_index_of
 
         ray_nodes = [node_index_of(n, self.node_index) for n in node_ids]
@@ -121,7 +121,7 @@ class AttemptLauncher:
         # agree, see checkpoint/collectives.node_ids), each with its own keeper, lost together by a `node` fault
         simulate = self.cfg.checkpoint.simulate_nodes
         nodes = [rank * simulate // self.workers for rank in range(self.workers)] if simulate else ray_nodes
-        warm = keepers_work_while_training(self.cfg, nodes)
+        warm = persists_while_training(self.cfg)
         for node in sorted(set(nodes)):
             self.keeper(node_ids[nodes.index(node)], node, warm)
         workers = self.standby.fill(workers, pg, node_ids, bundles)
