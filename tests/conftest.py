@@ -30,9 +30,16 @@ def _no_keeper_outlives_the_tests(tmp_path_factory):
     # folder, so ending it stops only its own keepers, never those of another pytest session.
     roots = str(tmp_path_factory.getbasetemp())
     scratch = str(tmp_path_factory.mktemp("tmp"))
+    # Ray's socket paths (at most 107 bytes) live in its temp folder: a short one of its own, not the scratch
+    # folder of a pytest-xdist worker (/tmp/pytest-of-USER/pytest-N/popen-gwK/tmp0/ray/session_.../sockets/...).
+    ray_tmp = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="ray-")
+    if ray_tmp:
+        os.environ["RAY_TMPDIR"] = ray_tmp
     os.environ["TMPDIR"] = tempfile.tempdir = scratch
     started = time.time()
     yield
+    if ray_tmp:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     memory = set()
     for proc in psutil.process_iter(["cmdline", "create_time"]):
         cmdline = proc.info["cmdline"] or []

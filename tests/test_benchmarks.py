@@ -38,7 +38,12 @@ def test_every_benchmark_is_found():
     assert len(BENCHMARKS) >= 9, [p.name for p in BENCHMARKS]
 
 
-@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
+# The ones that start a Ray cluster run on the pytest-xdist worker of the Ray tests, one Ray at a time.
+USES_RAY = {"recovery"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(p, marks=pytest.mark.xdist_group("ray")) if p.stem in USES_RAY else p
+                                    for p in BENCHMARKS], ids=lambda p: p.stem)
 def test_benchmark_quick_run_ends_with_its_ratio(script):
     done = subprocess.run([sys.executable, str(script), "--quick"], cwd=REPO, env=loopback_env(), capture_output=True,
                           text=True, timeout=TIMEOUTS_S.get(script.stem, TIMEOUT_S))
