@@ -74,10 +74,12 @@ def _ulysses_vs_deepspeed(n_heads: int, n_kv_heads: int, seed: int) -> dict:
 
     from phalanx.models.gpt import CoreAttention
     from phalanx.parallel.sequence import UlyssesAttention
+    from phalanx.parallel.zero import no_shared_memory_all_reduce
 
     import deepspeed
 
     dist.init_process_group("gloo")
+    no_shared_memory_all_reduce()  # else DeepSpeed's CPU comm compiles a C++ op first (82 s in a new environment)
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm wraps the torch group
     try:
         sp, rank = dist.get_world_size(), dist.get_rank()
