@@ -38,11 +38,11 @@ def test_every_benchmark_is_found():
     assert len(BENCHMARKS) >= 9, [p.name for p in BENCHMARKS]
 
 
-# The ones that start a Ray cluster run on the pytest-xdist worker of the Ray tests, one Ray at a time.
+# The ones that start a Ray cluster and time a failure run alone, after the tests that run side by side.
 USES_RAY = {"recovery"}
 
 
-@pytest.mark.parametrize("script", [pytest.param(p, marks=pytest.mark.xdist_group("ray")) if p.stem in USES_RAY else p
+@pytest.mark.parametrize("script", [pytest.param(p, marks=pytest.mark.serial) if p.stem in USES_RAY else p
                                     for p in BENCHMARKS], ids=lambda p: p.stem)
 def test_benchmark_quick_run_ends_with_its_ratio(script):
     done = subprocess.run([sys.executable, str(script), "--quick"], cwd=REPO, env=loopback_env(), capture_output=True,

@@ -76,6 +76,7 @@ def wait_for_snapshots(run_dir: Path, world: int, launcher: subprocess.Popen) ->
         time.sleep(0.05)
 
 
+@pytest.mark.serial  # the kill must land while the run trains: under a second worker's load it landed after its end
 def test_a_killed_launch_that_lost_a_node_is_rebuilt_from_parity_and_resumes_bit_for_bit(reference_run, tmp_path):
     """pp2 x dp2 on 4 ranks on 4 simulated nodes, k=2, m=1: groups {0,1} (parity on node 2) and {2,3} (parity
     on node 0). torchrun and every rank are SIGKILLed, and node 1 loses its keeper as well."""
