@@ -3,4 +3,4 @@ per node (`keeper.py`), erasure-coded across nodes (`erasure.py`, `groups.py`), 
 keepers in DCP format to any fsspec URL (`persistent.py`); restore from keeper -> peers -> storage.
 
 Nothing is imported here: a keeper process starts with the standard library only and imports torch
-only for a run that sends it parity or persistent writes."""
+only for a run that persists while it trains (parity is coded with numpy)."""

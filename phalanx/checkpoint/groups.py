@@ -51,4 +51,3 @@ def erasure_groups(node_of_rank: list[int], k: int, m: int) -> tuple[list[Erasur
             raise AssertionError(f"group {members} has no {m} parity nodes outside {sorted(member_nodes)}")
         out.append(ErasureGroup(gid, tuple(members), parity))
     return out, f"erasure coding k={k}, m={m}: {len(out)} groups over {len(nodes)} nodes"
-
