@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
