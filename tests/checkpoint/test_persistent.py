@@ -1,6 +1,6 @@
 """The persistent tier: corruption is detected and skipped, a write that fails at the end says where and keeps
-the step in memory, a SIGKILL mid-write never leaves a checkpoint that looks valid, and a checkpoint written by 2 ranks resumes on 4 (FSDP) and loads with
-plain torch.distributed.checkpoint."""
+the step in memory, a SIGKILL mid-write never leaves a checkpoint that looks valid, and a checkpoint written by
+2 ranks resumes on 4 (FSDP) and loads with plain torch.distributed.checkpoint."""
 
 from __future__ import annotations
 
