@@ -2,8 +2,8 @@
 
 `checkpoints/step-N/` holds what `torch.distributed.checkpoint.save` would have written — one
 `__R_0.distcp` per writing rank and a `.metadata` — so plain DCP loads it and reshards it to another
-world size or layout, plus `rank-R.safetensors` for state that is each rank's own (RNG streams,
-ZeRO / pipeline optimizer partitions) with its non-tensor values as JSON in the file's metadata.
+world size or layout, plus `rank-R.safetensors` for state that is each rank's own (its RNG streams)
+with its non-tensor values as JSON in the file's metadata.
 Each keeper writes its ranks' files from snapshot memory and a `.results/rank-R.json` last; the
 keeper of rank 0 then writes `.metadata` and, last of all, `manifest.json` with every file's size
 and BLAKE2b digest — signed, when the run has a key (`signing.py`). A folder without a manifest is a
@@ -413,6 +413,11 @@ class CheckpointStore:
         except FileNotFoundError as err:  # removed since it verified (retention of another writer, a user)
             raise CheckpointRefused(f"{self.path(step)}: {err.filename or 'a file'} is gone: refused") from None
         shared = {k: v for k, v in template.items() if k not in rank_local_keys}
+        if "optim" in shared and not any(fqn.startswith("optim.") for fqn in metadata.state_dict_metadata):
+            raise PhalanxError(f"checkpoint {self.path(step)} keeps its optimizer state per rank (ZeRO or pipeline "
+                               f"partitions, written by phalanx before 2026-12-02): load it with that phalanx at "
+                               f"its layout ({manifest['world_size']} ranks), or start a new run beside it with "
+                               f"run.resume=false")
         try:
             state_dict_loader.load(shared, storage_reader=VettedReader(self.path(step), metadata),
                                    planner=SafeLoadPlanner())
@@ -424,13 +429,9 @@ class CheckpointStore:
             local_template = {k: template[k] for k in rank_local_keys if k in template}
             path = self._file(step, name)
             state.update(read_rank_local(self._read(path, manifest["files"][name]["bytes"]), local_template, path))
-            return state
-        for key in rank_local_keys:
-            if key != "rng" and key in template:
-                raise PhalanxError(f"checkpoint {self.path(step)} was written by {manifest['world_size']} ranks and "
-                                   f"its '{key}' state is per rank (ZeRO or pipeline partitions): resume it with "
-                                   f"{manifest['world_size']} ranks and the same parallel layout")
-            state.pop(key, None)  # another world size: this rank keeps its fresh RNG streams
+        else:  # another world size: the per-rank state (RNG streams) stays as this launch seeded it
+            for key in rank_local_keys:
+                state.pop(key, None)
         return state
 
 

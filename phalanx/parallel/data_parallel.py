@@ -43,11 +43,6 @@ class TorchDataParallel:
         return None
 
     @staticmethod
-    def rank_local_state(cfg: Any) -> tuple[str, ...]:
-        """Trainer-state keys whose value differs per rank outside DTensor sharding (saved per rank)."""
-        return ()
-
-    @staticmethod
     def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Any, cfg: Any) -> nn.Module:
         """Back ends that own the optimizer step (DeepSpeed) wrap here; torch back ends need not."""
         return model
@@ -85,7 +80,8 @@ class TorchDataParallel:
 
     @staticmethod
     def state_dict(model: nn.Module, optimizer: Any) -> tuple[dict, dict]:
-        """(model, optimizer) state keyed by parameter name, sharded as DTensors where the model is.
+        """(model, optimizer) state keyed by parameter name, sharded as DTensors where the model is: no layout in
+        it but the shards' placement, which DCP reshards on load. Every back end saves this form.
 
         Taken before the first step (the snapshot engine measures the state layout then), torch creates
         the optimizer's state with a zero-learning-rate step: parameters and moments stay as they were,

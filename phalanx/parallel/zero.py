@@ -47,12 +47,6 @@ class ZeroStrategy(TorchDataParallel):
                               "use dp_backend=ddp or fsdp to compile, or set train.compile=false")
 
     @staticmethod
-    def rank_local_state(cfg: Any) -> tuple[str, ...]:
-        # Each rank's optimizer partition (with its fp32 master weights) is its own. The module's
-        # state_dict is whole on every rank (DeepSpeed gathers ZeRO-3 parameters for it): saved once.
-        return ("optim",)
-
-    @staticmethod
     def apply(model: nn.Module, mesh: Any, cfg: Any) -> nn.Module:
         return model  # DeepSpeed wraps model and optimizer together, in wrap_optimizer
 
@@ -95,37 +89,73 @@ class ZeroStrategy(TorchDataParallel):
 
     @staticmethod
     def state_dict(model: nn.Module, optimizer: Any) -> tuple[dict, dict]:
-        if model.zero_optimization_stage() < 3:
-            return model.module.state_dict(), model.optimizer.state_dict()
-        from deepspeed.runtime.zero import GatheredParameters
+        """What a torch back end saves, whole on every rank: the fp32 master weights and AdamW's moments per
+        parameter name (gathered from the partitions), and the param groups naming their parameters. So a ZeRO
+        state loads into any layout, and any layout's state into ZeRO (collective). Taken before the first step,
+        the moments are created as zeros with step 0, exactly what AdamW's first step starts from."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        # Stage 3: gather the whole parameters (a collective) so the model state is portable and
-        # the same on every rank, like stages 1 and 2.
-        with GatheredParameters(list(model.module.parameters())):
-            whole = {name: value.detach().clone() for name, value in model.module.state_dict().items()}
-        return whole, model.optimizer.state_dict()
+        names = {id(p): name for name, p in model.module.named_parameters()}
+        state: dict[str, dict] = {}
+        groups: list[dict] = []
+        for hyper, flat, params in _partitions(model.optimizer):
+            moments = model.optimizer.optimizer.state[flat]
+            groups.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": [names[id(p)] for p in params]})
+            for param in params:
+                state[names[id(param)]] = {
+                    key: value.clone() if key == "step" else safe_get_full_optimizer_state(param, key).reshape(_shape(param))
+                    for key, value in moments.items()}
+        model_state = {name: safe_get_full_fp32_param(param).reshape(_shape(param)).clone()
+                       for name, param in model.module.named_parameters()}
+        return model_state, {"state": state, "param_groups": groups}
 
     @staticmethod
     def load_state_dict(model: nn.Module, optimizer: Any, model_state: dict, optim_state: dict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        params = dict(model.module.named_parameters())
         if model.zero_optimization_stage() < 3:
             model.module.load_state_dict(model_state)
-        # At stage 3 the parameters are partitions restored from the fp32 master weights below.
-        # DeepSpeed takes one state per data-parallel rank and reads its own; ours is this rank's.
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        _int_param_ids(optim_state)
-        model.optimizer.load_state_dict([optim_state] * world, load_from_fp32_weights=True)
+        else:
+            from deepspeed.runtime.zero import GatheredParameters
+
+            with GatheredParameters(list(params.values()), modifier_rank=0):  # repartitioned from rank 0's on exit
+                model.module.load_state_dict(model_state)
+        saved_groups = optim_state["param_groups"]
+        for hyper, flat, members in _partitions(model.optimizer):
+            ids = {id(p) for p in members}
+            saved = next(g for g in saved_groups if set(g["params"]) >= {n for n, p in params.items() if id(p) in ids})
+            hyper.update({k: v for k, v in saved.items() if k != "params"})
+            # one step counter per partition: its parameters' counters are equal (they were stepped together)
+            model.optimizer.optimizer.state[flat]["step"].copy_(optim_state["state"][saved["params"][0]]["step"])
+        for name, param in params.items():
+            safe_set_full_fp32_param(param, model_state[name].to(torch.float32))
+            for key, value in optim_state["state"][name].items():
+                if key != "step":
+                    safe_set_full_optimizer_state(param, value, key)
 
 
-def _int_param_ids(state: Any) -> None:
-    """DCP's flattening names every path element `str(key)`, so a restored torch optimizer state has its
-    integer parameter ids as "0", "1", ...; torch's load_state_dict keeps such entries under the strings,
-    beside the real ones the next step creates (the moments are lost and the next snapshot fails with
-    "duplicated flatten key ...state.0.step"). Put the integers back, in place."""
-    if isinstance(state, dict):
-        if isinstance(state.get("state"), dict) and "param_groups" in state:
-            state["state"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in state["state"].items()}
-        for value in state.values():
-            _int_param_ids(value)
-    elif isinstance(state, list):
-        for value in state:
-            _int_param_ids(value)
+def _shape(param: torch.Tensor) -> torch.Size:
+    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+
+
+def _partitions(zero: Any) -> list[tuple[dict, torch.Tensor, list[torch.Tensor]]]:
+    """(param group, this rank's flat fp32 partition, the parameters it partitions) for each of DeepSpeed's
+    groups, with AdamW's state created for every partition (zeros, step 0: what its first step creates) and
+    linked to the parameters' fragments (stages 1 and 2 link it after the first group's first step only, so
+    the other groups' fragments stay unlinked: re-linked here)."""
+    base = zero.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3: sub-groups, each in one param group
+        parts = [(base.param_groups[zero.sub_group_to_group_id[k]], flat, zero.fp16_groups[k])
+                 for k, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    else:
+        parts = list(zip(base.param_groups, zero.single_partition_of_fp32_groups, zero.bit16_groups))
+    for hyper, flat, _ in parts:
+        if not base.state.get(flat):
+            on_device = hyper.get("fused") or hyper.get("capturable")
+            base.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu"),
+                                "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    if hasattr(zero, "_hp_optimizer_states_linked"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+    return parts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     for param in model.parameters():
         if param.requires_grad:
             mesh = param.device_mesh.mesh_dim_names if isinstance(param, DTensor) else None
-            by_kind.setdefault((param.dim() >= 2, mesh), []).append(param)
+            by_kind.setdefault((decays(param), mesh), []).append(param)
     groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
               for (decay, _), params in by_kind.items()]
     impl = cfg.implementation
@@ -34,6 +35,49 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=impl == "fused", foreach=impl == "foreach" if impl != "fused" else None,
     )
+
+
+def decays(param: torch.Tensor) -> bool:
+    """Whether AdamW decays `param`: matrices do, norm gains do not."""
+    return param.dim() >= 2
+
+
+def param_kinds(model: nn.Module) -> dict[bool, list[str]]:
+    """The parameter names of the whole model (any module built on the meta device, before parallelisation),
+    decayed or not, in model order: the param groups of one process, whatever layout trains it."""
+    kinds: dict[bool, list[str]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            kinds.setdefault(decays(param), []).append(name)
+    return kinds
+
+
+def global_param_groups(local: list[dict[str, Any]], kinds: dict[bool, list[str]], weight_decay: float,
+                        with_params: bool = True) -> list[dict[str, Any]]:
+    """An optimizer's param groups as one process has them: one per kind, naming all of the model's
+    parameters. A rank's own groups differ by layout (a pipeline stage names its parameters only, ep-sharded
+    experts have groups of their own), so state saves these; torch's `set_state_dict` maps them back onto
+    any rank's groups by name. Every hyperparameter but weight decay is the same in every group."""
+    hyper = {k: v for k, v in local[0].items() if k not in ("params", "weight_decay")}
+    return [{**hyper, "weight_decay": weight_decay if decayed else 0.0, **({"params": list(names)} if with_params else {})}
+            for decayed, names in kinds.items()]
+
+
+def schedule_state(schedule: LambdaLR) -> dict[str, Any]:
+    """The LR schedule's state with its per-group lists as one value: every group has the same schedule, and
+    the number of groups is the layout's (`global_param_groups`)."""
+    state = schedule.state_dict()
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if state.get(key):
+            state[key] = state[key][:1]
+    return state
+
+
+def load_schedule_state(schedule: LambdaLR, state: dict[str, Any]) -> None:
+    groups = len(schedule.optimizer.param_groups)
+    state = {**state, **{key: list(state[key][:1]) * groups for key in ("base_lrs", "_last_lr", "lr_lambdas")
+                        if state.get(key)}}
+    schedule.load_state_dict(state)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

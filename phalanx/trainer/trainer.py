@@ -34,7 +34,8 @@ from phalanx.parallel.pipeline import num_stages
 from phalanx.telemetry import comm, health
 from phalanx.trainer.metrics import memory_gib, peak_flops
 from phalanx.trainer.hooks import Hooks, StepInfo, StepTimer, due
-from phalanx.trainer.optim import build_optimizer, build_schedule
+from phalanx.trainer.optim import (build_optimizer, build_schedule, global_param_groups, load_schedule_state,
+                                   param_kinds, schedule_state)
 from phalanx.trainer.rng import rng_state, seed_all, set_rng_state
 from phalanx.trainer.signals import StopRequest
 from phalanx.trainer.trackers import Tracker, open_trackers
@@ -63,6 +64,7 @@ class Trainer:
         checkpoint_group = snapshot_group(ctx, cfg.fault.collective_timeout_s)  # before any back end's groups
         model = build_on_meta(cfg.model)
         self.n_params = model.num_params()
+        self.param_kinds = param_kinds(model)  # saved state names the whole model's param groups (optim.py)
         layout = Layout.from_config(cfg)
         parts = parallelize(model, layout=layout, mesh=ctx.mesh, cfg=cfg, device=self.device, seed=cfg.run.seed)
         model, self.data_parallel, self.sequence, self.expert = parts.model, parts.data, parts.sequence, parts.expert
@@ -85,10 +87,7 @@ class Trainer:
         self.model: nn.Module = data_parallel.wrap_optimizer(model, self.optimizer, ctx.mesh, cfg)
         dp_rank, dp_size = ctx.coord("dp")
         self.data = DataPosition(build_dataset(cfg), cfg.train.batch_size, cfg.train.micro_batch_size, dp_rank, dp_size)
-        rank_local = self.RANK_LOCAL_STATE + data_parallel.rank_local_state(cfg)
-        if self.pipeline is not None and "optim" not in rank_local:
-            rank_local += ("optim",)  # each stage's optimizer param_groups name only its parameters
-        self.rank_local_keys = rank_local
+        self.rank_local_keys = rank_local = self.RANK_LOCAL_STATE
         self.step = 0
         self.wandb_run_id: Optional[str] = None
         self.hooks: list[MetricsHook] = []  # called on every rank after each logged step with its metrics
@@ -106,18 +105,24 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Named and shaped globally, so it loads into any layout: the back end's model and optimizer state by
+        parameter name (whole, or DTensor shards of the whole), the optimizer's groups as one process has them."""
         model_state, optim_state = self.data_parallel.state_dict(self.model, self.optimizer)
+        optim_state["param_groups"] = self._param_groups(with_params=True)
         return {"model": model_state, "optim": optim_state, **self._small_state()}
 
     def changing_state(self) -> dict[str, Any]:
         """The part of `state_dict()` that is not tensors updated in place — cheap to build every step."""
-        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        return {"optim": {"param_groups": groups}, **self._small_state()}
+        return {"optim": {"param_groups": self._param_groups(with_params=False)}, **self._small_state()}
+
+    def _param_groups(self, with_params: bool) -> list[dict[str, Any]]:
+        return global_param_groups(self.optimizer.param_groups, self.param_kinds, self.cfg.optim.weight_decay,
+                                   with_params)
 
     def _small_state(self) -> dict[str, Any]:
         """Everything but the model and the optimizer: values rebuilt on every call."""
         return {
-            "lr_schedule": self.schedule.state_dict(),
+            "lr_schedule": schedule_state(self.schedule),
             "data": self.data.state_dict(),
             "step": self.step,
             "trackers": {"wandb_run_id": self.wandb_run_id},
@@ -126,7 +131,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data_parallel.load_state_dict(self.model, self.optimizer, state["model"], state["optim"])
-        self.schedule.load_state_dict(state["lr_schedule"])
+        load_schedule_state(self.schedule, state["lr_schedule"])
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.wandb_run_id = state["trackers"].get("wandb_run_id")
@@ -149,9 +154,19 @@ class Trainer:
         self.faults.restoring(step)
         self.load_state_dict(state)
         self.snapshots.state_replaced()
+        seconds = time.perf_counter() - start
         if self.ctx.is_main:
             append_event(self.run_dir, "restore", step=step, restored_from=info["tier"], reason=info["reason"],
-                         seconds=time.perf_counter() - start, **({"ranks": info["tiers"]} if "tiers" in info else {}))
+                         seconds=seconds, **({"ranks": info["tiers"]} if "tiers" in info else {}))
+            if "resharded_from" in info:
+                to = Layout.from_config(self.cfg).name()
+                rng = ("each rank's RNG streams were restored" if "rng" in state else
+                       f"the RNG streams are per rank and this world size differs: each rank re-seeded them from "
+                       f"run.seed={self.cfg.run.seed} (nothing in the model draws from them while training)")
+                append_event(self.run_dir, "reshard", step=step, from_layout=info["resharded_from"], to_layout=to,
+                             tier=info["tier"], seconds=seconds, rng=rng)
+                self.print(f"resharded step {step} from {info['resharded_from']} to {to} ({info['tier']}, "
+                           f"{seconds:.1f}s); {rng}")
         return step
 
     # ---- the step ------------------------------------------------------------------------
@@ -420,6 +435,8 @@ class Trainer:
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": self.last_lr,
+            # the global sample ids this step trained on, [first, end): the same for every layout
+            "samples": [self.data.consumed - self.cfg.train.batch_size, self.data.consumed],
             "step_seconds": seconds,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": per_device,
