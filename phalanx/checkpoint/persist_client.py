@@ -18,9 +18,10 @@ class PersistClient:
     """Asks this rank's keeper to persist committed steps to `store`; writes the steps the run waits for."""
 
     def __init__(self, *, slots: KeeperSlots, store: CheckpointStore, collectives: CheckpointCollectives,
-                 cfg: Any, rank: int, world_size: int, timeout: float):
+                 cfg: Any, rank: int, world_size: int, timeout: float, layout: str):
         self.slots, self.store, self.collectives, self.cfg = slots, store, collectives, cfg
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
+        self.info = {"world_size": world_size, "layout": layout}  # into each manifest
         self.requested: set[int] = set()
 
     def busy(self) -> bool:
@@ -37,7 +38,7 @@ class PersistClient:
         self.requested.add(step)
         self.slots.call("persist", rank=self.rank, step=step, storage=self.store.url, world_size=self.world_size,
                         coordinator=self.rank == 0, timeout_s=self.timeout, keep_last=self.cfg.keep_last,
-                        info={"world_size": self.world_size}, sign=self.cfg.sign)
+                        info=self.info, sign=self.cfg.sign)
 
     def persist_and_wait(self, step: int, block: memoryview, plan: dict[str, Any]) -> Optional[str]:
         """Persist the committed `step`, whose snapshot is `block` (this rank's slot, laid out by `plan`), and
@@ -70,7 +71,7 @@ class PersistClient:
         if self.rank != 0:
             return None
         return self.store.finalize(step, self.world_size, max(deadline - time.monotonic(), 1.0), self.cfg.keep_last,
-                                   {"world_size": self.world_size})
+                                   self.info)
 
     def _keeper_status(self, step: int, deadline: float) -> dict[str, Any]:
         """How the keeper's write of `step` went, once this rank's part (rank 0's: the manifest) is done."""

@@ -27,11 +27,12 @@ class Restorer:
 
     def __init__(self, *, slots: KeeperSlots, peers: PeerKeepers, collectives: CheckpointCollectives,
                  store: CheckpointStore, codec: Optional[ErasureCodec], nodes: list[int], rank: int,
-                 rank_local_keys: tuple[str, ...], run_dir: str, event: Callable[..., None]):
+                 rank_local_keys: tuple[str, ...], run_dir: str, event: Callable[..., None], layout: str):
         self.slots, self.peers, self.collectives, self.store, self.codec = slots, peers, collectives, store, codec
         self.nodes, self.node, self.rank = nodes, nodes[rank], rank
         self.world_size, self.is_main = len(nodes), rank == 0
         self.rank_local_keys, self.run_dir, self.event = rank_local_keys, run_dir, event
+        self.layout = layout  # this launch's, `Layout.name()`
 
     def restore(self, template_fn: StateFn, measured: Optional[Measurement]
                 ) -> tuple[Optional[dict[str, Any]], Optional[int], dict[str, Any]]:
@@ -56,12 +57,19 @@ class Restorer:
             problems = [p for p in self.collectives.all_gather(problem) if p]
             if not problems:
                 note = f"; refused: step {', '.join(map(str, refused))} (events.jsonl: checkpoint_skipped)"
-                return state, plan.step, {"tier": "storage", "reason": plan.reason + (note if refused else "")}
+                return state, plan.step, {"tier": "storage", "reason": plan.reason + (note if refused else ""),
+                                          **self._resharded(plan.step)}
             if self.is_main:
                 self._skipped(plan.step, problems[0])
             refused.append(plan.step)
             stored = self.collectives.broadcast(self.store.newest_valid(self._skipped, below=plan.step)
                                                 if self.is_main else None)
+
+    def _resharded(self, step: int) -> dict[str, Any]:
+        """{"resharded_from": the layout that wrote `step`} when it is not this launch's, else {}."""
+        manifest = self.store.manifest(step) or {}
+        saved = manifest.get("layout") or f"{manifest.get('world_size', '?')} ranks (layout not recorded)"
+        return {} if saved == self.layout else {"resharded_from": saved}
 
     def _refuse_if_all_refused(self) -> None:
         """A run whose storage holds committed checkpoints, none of them usable, does not start over on top of

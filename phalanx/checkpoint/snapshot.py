@@ -41,6 +41,7 @@ from phalanx.checkpoint.signing import signing_key
 from phalanx.checkpoint.slots import KeeperSlots
 from phalanx.checkpoint.wire import WireError
 from phalanx.errors import PhalanxError
+from phalanx.parallel.layout import Layout
 
 if TYPE_CHECKING:
     from phalanx.parallel.dist import DistContext
@@ -81,11 +82,12 @@ class SnapshotEngine:
         self.commit = SnapshotCommit(slots=self.slots, peers=self.peers, collectives=self.collectives, codec=codec,
                                      group=my_group, index=my_index, rank=ctx.rank, epoch=self.epoch,
                                      event=self._emit)
+        layout = Layout.from_config(cfg).name()  # recorded in each manifest: a resume says what it resharded from
         self.persist = PersistClient(slots=self.slots, store=self.store, collectives=self.collectives, cfg=self.cfg,
-                                     rank=ctx.rank, world_size=ctx.world_size, timeout=self.timeout)
+                                     rank=ctx.rank, world_size=ctx.world_size, timeout=self.timeout, layout=layout)
         self.restorer = Restorer(slots=self.slots, peers=self.peers, collectives=self.collectives, store=self.store,
                                  codec=codec, nodes=self.nodes, rank=ctx.rank, rank_local_keys=rank_local_keys,
-                                 run_dir=run_dir, event=self._emit)
+                                 run_dir=run_dir, event=self._emit, layout=layout)
         self._started = False  # keepers started and addresses exchanged (at the first snapshot)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phalanx-snapshot")
         self.job: Optional[concurrent.futures.Future] = None

@@ -1,0 +1,91 @@
+"""State has no layout in it: a run trained at layout A and resumed from storage at layout B trains on as the run
+that stayed at A did — every loss after the change within 1e-5 relative (fp32), the final parameters within
+1e-4, the same global samples step by step — and says it resharded (a `reshard` event: from, to, tier).
+
+Each run at A is a shared reference run of tests/parallel/test_loss_curves.py (16 steps, persisted every 2);
+the run under test is a copy of it back at its oldest kept checkpoint (what a run that died after that step
+left in storage), relaunched at B. Keeper memory never serves another layout's blocks (their
+fingerprint differs), so a resume at another layout reads storage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.checkpoint.test_persistent import copy_back_to_the_oldest_checkpoint
+from tests.helpers import REPO, events, final_checkpoint, load_checkpoint, losses, metrics, run_overrides, train_local
+from tests.parallel.test_loss_curves import COMMON, LAYOUTS, ONE_PROCESS, STEPS
+
+pytestmark = pytest.mark.slow
+
+# name -> (layout A as test_loss_curves names it, or "one:" + its name for its one-process run;
+#          overrides and world of layout B on A's config)
+MATRIX = {
+    "dp2-to-dp1": ("ddp2", ONE_PROCESS, 1),
+    "dp1-to-dp4": ("one:ddp2", ["parallel.dp=4"], 4),
+    "pp2xdp2-to-dp2": ("pp2xdp2", ["parallel.pp=1", "parallel.dp=2"], 2),
+    "pp2xdp2-1f1b-to-pp2-gpipe": ("pp2xdp2", ["parallel.dp=1", "parallel.pp_schedule=gpipe"], 2),
+    "fsdp-dp2xsp2-to-ddp-dp2": ("fsdp2xsp2", ["parallel.sp=1", "parallel.dp=2", "parallel.dp_backend=ddp"], 2),
+    "moe-ep2xdp2-to-ep1-dp2": ("moe-ep2xdp2", ["parallel.ep=1", "parallel.dp=2"], 2),
+}
+
+
+def reference(reference_run, name: str) -> tuple[Path, Path, int]:
+    """(config, run folder, world) of layout A."""
+    config, world, extra = LAYOUTS[name.removeprefix("one:")]
+    config = REPO / "configs" / config
+    if name.startswith("one:"):
+        return config, reference_run(config, 1, *COMMON, *extra, *ONE_PROCESS), 1
+    return config, reference_run(config, world, *COMMON, *extra), world
+
+
+def resume_at(config: Path, ref: Path, root: Path, layout_b: list[str], world: int) -> tuple[Path, int]:
+    """A copy of `ref` back at its oldest kept checkpoint, relaunched at layout B; (run folder, resumed step)."""
+    run_dir = root / "t"
+    oldest = copy_back_to_the_oldest_checkpoint(ref, run_dir)
+    train_local(config, run_overrides(root, *COMMON, *layout_b), world)
+    return run_dir, oldest
+
+
+def assert_same_trajectory(run_dir: Path, ref: Path, resumed: int) -> None:
+    restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
+    reshard = [e for e in events(run_dir) if e["event"] == "reshard"][-1]
+    assert restore["restored_from"] == "storage" and restore["step"] == resumed, restore
+    assert reshard["step"] == resumed and reshard["tier"] == "storage" and reshard["from_layout"] != reshard["to_layout"]
+    got, want = losses(run_dir), losses(ref)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(resumed + 1, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+    samples = {m["step"]: m["samples"] for m in metrics(run_dir)}
+    assert samples == {m["step"]: m["samples"] for m in metrics(ref)}  # the same global samples, step by step
+    final = load_checkpoint(final_checkpoint(run_dir, STEPS), rank_local=False)["model"]
+    expected = load_checkpoint(final_checkpoint(ref, STEPS), rank_local=False)["model"]
+    assert final.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("change", MATRIX)
+def test_a_resume_at_another_layout_trains_on_as_the_first_layout_did(change, reference_run, tmp_path):
+    name, layout_b, world = MATRIX[change]
+    config, ref, world_a = reference(reference_run, name)
+    run_dir, resumed = resume_at(config, ref, tmp_path / "run", layout_b, world)
+    assert_same_trajectory(run_dir, ref, resumed)
+    reshard = [e for e in events(run_dir) if e["event"] == "reshard"][-1]
+    assert ("re-seeded" in reshard["rng"]) == (world != world_a), reshard  # RNG streams are per rank
+
+
+def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_run, tmp_path):
+    """DeepSpeed's partitions leave no trace in what ZeRO saves: a zero2 dp2 run resumed at step 12 as zero3 dp4
+    trains on as the zero2 run did, and so does that zero3 run's step 14 resumed as FSDP dp2."""
+    config, ref, _ = reference(reference_run, "zero2")
+    zero3, resumed = resume_at(config, ref, tmp_path / "zero3", ["parallel.zero_stage=3", "parallel.dp=4"], 4)
+    assert_same_trajectory(zero3, ref, resumed)
+    shutil.rmtree(zero3 / "checkpoints" / f"step-{resumed}", ignore_errors=True)  # if kept: the zero2 run's
+    run_dir, resumed_again = resume_at(config, zero3, tmp_path / "fsdp", ["parallel.dp_backend=fsdp"], 2)
+    assert resumed < resumed_again < STEPS
+    assert [e for e in events(run_dir) if e["event"] == "reshard"][-1]["from_layout"].startswith("dp4 zero3")
+    assert_same_trajectory(run_dir, ref, resumed_again)
