@@ -1,4 +1,5 @@
-"""Data-parallel back ends (DDP, FSDP2), alone and with Ulysses: one step equals one process."""
+"""Data-parallel back ends (DDP, FSDP2, ZeRO), alone and with Ulysses: one step equals one process; a stale DeepSpeed
+build lock holds nothing up."""
 
 from __future__ import annotations
 
@@ -49,3 +50,27 @@ def test_zero_one_step_matches_one_process(layout):
 ])
 def test_invalid_data_parallel_mixes_are_refused(overrides, world, words):
     assert_refused(overrides, words, world)
+
+
+def test_a_stale_deepspeed_build_lock_never_holds_up_a_zero_run(tmp_path):
+    """A DeepSpeed op build killed midway leaves `<torch extensions>/<op>/lock` behind, and every later build of
+    that op waits on it forever. The one op a CPU ZeRO run would build (the shared-memory all-reduce of
+    DeepSpeed's communication back end, set up by `deepspeed.initialize`) is never built: with a stale lock
+    planted, setting up DeepSpeed's communication returns at once, building nothing."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, loopback_env
+
+    lock = tmp_path / "py_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    script = ("from phalanx.parallel.zero import no_shared_memory_all_reduce\n"
+              "no_shared_memory_all_reduce()\n"
+              "from deepspeed.comm.torch import build_shm_op\n"
+              "assert build_shm_op() is None\n")
+    env = {**loopback_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "py_cpu")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert lock.exists() and list(lock.parent.iterdir()) == [lock]  # nothing was built beside it
