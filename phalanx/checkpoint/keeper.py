@@ -5,7 +5,9 @@ maps and fills (the newest complete one, the one filling, and one a persistence 
 parity blocks of the erasure groups it serves, and a thread that writes committed snapshots to the
 persistent tier (`persistent.py`) while the run trains — the keeper, not the trainer, pays for that
 storage I/O (a step the run stops to wait for, its trainers write themselves). It loads torch only for a
-run that persists while it trains (`persists_while_training`, `register`'s `warm`). It listens on
+run that persists while it trains (`persists_while_training`, `register`'s `warm`). A rank registered
+again by a launch of another layout keeps its earlier memory aside (`held.py`) until the new layout
+commits a step, so that launch can reshard it (`reshard.py`). It listens on
 one TCP port of the cluster's interface (loopback for a local run); every connection proves it has
 the run's secret (`wire.py`), checked for all new connections at once in the serving thread
 (`gate.py`): at most `max_pending` in the handshake, none longer than `handshake_timeout_s`, and only
@@ -30,46 +32,16 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from phalanx.checkpoint.gate import HandshakeGate
+from phalanx.checkpoint.held import ParitySlot, RankState, Slot, held_steps
 from phalanx.checkpoint.wire import SMALL_PAYLOAD_BYTES, Field, WireError, field_problem, recv, send
 from phalanx.errors import PhalanxError
 
 SLOTS = 3
 MAX_RANKS = 1 << 20
 MAX_BLOCK_BYTES = 1 << 48
-
-
-@dataclass
-class Slot:
-    path: str
-    buffer: mmap.mmap
-    step: Optional[int] = None
-    status: str = "empty"  # empty | filling | complete
-    pinned: int = 0
-
-
-@dataclass
-class RankState:
-    nbytes: int
-    slots: list[Slot]
-    plan: dict[str, Any] = field(default_factory=dict)  # layout and persistence plan (persistent.py)
-
-
-@dataclass
-class ParitySlot:
-    step: int
-    buffer: bytearray
-    members: list[int]
-    fingerprint: str = ""
-    epoch: str = ""  # the launch that computed it; a relaunch recomputes a step from scratch
-    got: set = field(default_factory=set)
-
-    @property
-    def complete(self) -> bool:
-        return len(self.got) == len(self.members)
 
 
 def persists_while_training(cfg: Any) -> bool:
@@ -111,6 +83,9 @@ class Keeper:
         self.frame_limit = SMALL_PAYLOAD_BYTES  # grows to the largest block a trainer registers
         self.lock = threading.Lock()
         self.ranks: dict[int, RankState] = {}
+        # (rank, fingerprint) -> the memory of an earlier layout's rank, kept when a launch of another layout
+        # registers that rank: the new launch reshards it (`reshard.py`); dropped at the new layout's first commit
+        self.retired: dict[tuple[int, str], RankState] = {}
         self.parity: dict[tuple[int, int], list[ParitySlot]] = {}
         self.persist_queue: "queue.Queue[dict]" = queue.Queue()
         self.persist_results: dict[tuple[int, int], dict[str, Any]] = {}  # (rank, step) -> outcome
@@ -138,10 +113,16 @@ class Keeper:
             if same:
                 state.plan = plan  # a restarted trainer of the same run layout re-attaches to its memory
             else:
-                if state is not None:
-                    for slot in state.slots:
-                        slot.buffer.close()
-                        os.unlink(slot.path)
+                if state is not None and any(slot.status == "complete" for slot in state.slots):
+                    fingerprint = state.plan.get("fingerprint", "")
+                    self._close(self.retired.pop((rank, fingerprint), None))
+                    for slot in state.slots:  # out of the way of the new layout's files
+                        retired = slot.path.replace(".bin", f"-retired-{fingerprint}.bin")
+                        os.rename(slot.path, retired)
+                        slot.path = retired
+                    self.retired[(rank, fingerprint)] = state
+                else:
+                    self._close(state)
                 slots = []
                 for i in range(SLOTS):
                     path = os.path.join(self.dir, f"rank-{rank}-slot-{i}.bin")
@@ -187,15 +168,36 @@ class Keeper:
             if target.step != step or target.status != "filling":
                 return {"error": f"slot {slot} of rank {rank} holds step {target.step} ({target.status}), not {step}"}
             target.status = "complete"
+            self._drop_other_layouts(self.ranks[rank].plan.get("fingerprint", ""))
             return {}
+
+    def _drop_other_layouts(self, fingerprint: str) -> None:
+        """A step of the layout `fingerprint` is complete: earlier layouts' memory is no longer needed."""
+        for key in list(self.retired):
+            self._close(self.retired.pop(key))
+        for rank in [r for r, state in self.ranks.items() if state.plan.get("fingerprint", "") != fingerprint]:
+            self._close(self.ranks.pop(rank))
+
+    @staticmethod
+    def _close(state: Optional[RankState]) -> None:
+        for slot in state.slots if state is not None else ():
+            slot.buffer.close()
+            os.unlink(slot.path)
 
     def _state(self, rank: int) -> RankState:
         if rank not in self.ranks:
             raise KeyError(f"rank {rank} is not registered with the keeper of node {self.node}")
         return self.ranks[rank]
 
-    def _find(self, rank: int, step: int) -> Slot:
+    def _held(self, rank: int, fingerprint: Optional[str] = None) -> Optional[RankState]:
+        """Rank `rank`'s memory: the registered one, or with `fingerprint`, that layout's (retired or not)."""
         state = self.ranks.get(rank)
+        if fingerprint is None or (state is not None and state.plan.get("fingerprint", "") == fingerprint):
+            return state
+        return self.retired.get((rank, fingerprint))
+
+    def _find(self, rank: int, step: int, fingerprint: Optional[str] = None) -> Slot:
+        state = self._held(rank, fingerprint)
         for slot in state.slots if state else ():
             if slot.step == step and slot.status == "complete":
                 return slot
@@ -236,18 +238,25 @@ class Keeper:
 
     def inventory(self) -> dict[str, Any]:
         with self.lock:
-            data = {str(rank): {"fp": state.plan.get("fingerprint"),
-                                "steps": [[s.step, i] for i, s in enumerate(state.slots) if s.status == "complete"]}
-                    for rank, state in self.ranks.items()}
+            data = {str(rank): held_steps(state) for rank, state in self.ranks.items()}
+            retired = [{"rank": rank, **held_steps(state)} for (rank, _), state in self.retired.items()]
             parity = [{"gid": gid, "j": j, "step": s.step, "members": s.members, "length": len(s.buffer),
                        "fp": s.fingerprint}
                       for (gid, j), slots in self.parity.items() for s in slots if s.complete]
-            return {"node": self.node, "data": data, "parity": parity}
+            return {"node": self.node, "data": data, "parity": parity, "retired": retired}
 
-    def fetch(self, rank: int, step: int) -> tuple[dict[str, Any], memoryview]:
+    def fetch(self, rank: int, step: int, fingerprint: Optional[str] = None) -> tuple[dict[str, Any], memoryview]:
         with self.lock:
-            slot, nbytes = self._find(rank, step), self._state(rank).nbytes
+            slot, nbytes = self._find(rank, step, fingerprint), self._held(rank, fingerprint).nbytes
         return {"nbytes": nbytes}, memoryview(slot.buffer)[:nbytes]
+
+    def layout(self, rank: int, fingerprint: str) -> dict[str, Any]:
+        """The flat layout of rank `rank`'s blocks of layout `fingerprint` (`flat.FlatLayout.to_json`)."""
+        with self.lock:
+            state = self._held(rank, fingerprint)
+            if state is None:
+                return {"error": f"rank {rank} of layout {fingerprint} is not held by the keeper of node {self.node}"}
+            return {"layout": state.plan.get("layout"), "nbytes": state.nbytes}
 
     def fetch_parity(self, gid: int, j: int, step: int) -> tuple[dict[str, Any], Optional[memoryview]]:
         with self.lock:
@@ -418,7 +427,9 @@ OPS: dict[str, tuple[Handler, dict[str, Field]]] = {
     "complete": (lambda k, h, p: (k.complete(h["rank"], h["slot"], h["step"]), None),
                  {"rank": RANK, "slot": Field("int", upper=SLOTS), "step": STEP}),
     "inventory": (lambda k, h, p: (k.inventory(), None), {}),
-    "fetch": (lambda k, h, p: k.fetch(h["rank"], h["step"]), {"rank": RANK, "step": STEP}),
+    "fetch": (lambda k, h, p: k.fetch(h["rank"], h["step"], h.get("fp")),
+              {"rank": RANK, "step": STEP, "fp": Field("str", optional=True)}),
+    "layout": (lambda k, h, p: (k.layout(h["rank"], h["fp"]), None), {"rank": RANK, "fp": Field("str")}),
     "parity_add": (lambda k, h, p: (k.parity_add(h["gid"], h["j"], h["step"], h["index"], h["members"], h["length"],
                                                  h["fp"], h["epoch"], p), None),
                    {"gid": RANK, "j": PARITY, "step": STEP, "index": PARITY,

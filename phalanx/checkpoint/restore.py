@@ -6,6 +6,7 @@ reported and the plan made again without it."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -13,9 +14,11 @@ import torch
 from phalanx.checkpoint.collectives import CheckpointCollectives
 from phalanx.checkpoint.copies import StateFn
 from phalanx.checkpoint.erasure import ErasureCodec
+from phalanx.checkpoint.flat import FlatLayout
 from phalanx.checkpoint.measure import Measurement
 from phalanx.checkpoint.peers import PeerKeepers
 from phalanx.checkpoint.persistent import CheckpointStore
+from phalanx.checkpoint.reshard import coverage_problem, memory_metadata, reshard
 from phalanx.checkpoint.restore_plan import RestorePlan, plan_restore
 from phalanx.checkpoint.slots import KeeperSlots
 from phalanx.checkpoint.untrusted import CheckpointRefused
@@ -39,6 +42,8 @@ class Restorer:
         """(state, step, info): the newest usable state, from memory if any, else storage. `measured`: the
         layout this launch's blocks have (None: not measured, so no keeper block is usable)."""
         everyone = self.collectives.all_gather(self._inventory(measured))
+        others = other_layouts_in_memory(self.collectives.all_gather(self._raw_inventory()),
+                                         measured.fingerprint if measured else None)
         stored = self.collectives.broadcast(self.store.newest_valid(self._skipped) if self.is_main else None)
         refused: list[int] = []
         while True:
@@ -46,6 +51,11 @@ class Restorer:
             if plan.tier in ("keeper", "peers"):
                 state = measured.layout.unpack(self._fetch(plan, everyone, measured), template_fn())
                 return state, plan.step, {"tier": plan.tier, "tiers": plan.tiers, "reason": plan.reason}
+            for other in [o for o in others if stored is None or o.step >= stored]:  # newest first
+                resharded = self._reshard_memory(other, template_fn, stored)
+                if resharded is not None:
+                    return resharded
+            others = []
             if plan.tier == "none":
                 self._refuse_if_all_refused()
                 return None, None, {}
@@ -70,6 +80,44 @@ class Restorer:
         manifest = self.store.manifest(step) or {}
         saved = manifest.get("layout") or f"{manifest.get('world_size', '?')} ranks (layout not recorded)"
         return {} if saved == self.layout else {"resharded_from": saved}
+
+    def _raw_inventory(self) -> Optional[dict[str, Any]]:
+        return self.slots.call("inventory") if self.slots.keeper is not None else None
+
+    def _reshard_memory(self, other: "OtherLayout", template_fn: StateFn, stored: Optional[int]
+                        ) -> Optional[tuple[dict[str, Any], int, dict[str, Any]]]:
+        """This rank's state from another layout's blocks of `other.step` in keeper memory (reshard.py); None,
+        on every rank, when the blocks left do not hold the whole state (collective)."""
+        layouts, problem = {}, None
+        for rank, node in other.holders.items():
+            reply, _ = self.peers.call(node, "layout", rank=rank, fp=other.fingerprint)
+            if "error" in reply:
+                problem = reply["error"]
+                break
+            layouts[rank] = FlatLayout.from_json(reply["layout"])
+        template = template_fn()
+        if problem is None:
+            problem = coverage_problem(template, memory_metadata(layouts)[0], self.rank_local_keys)
+        problems = [p for p in self.collectives.all_gather(problem) if p]
+        if problems:
+            if self.is_main:
+                self.event("reshard_skipped", step=other.step, from_layout=other.parallel, problem=problems[0])
+            return None
+
+        def fetch(rank: int) -> torch.Tensor:
+            _, payload = self.peers.call(other.holders[rank], "fetch", rank=rank, step=other.step,
+                                         fp=other.fingerprint, limit=layouts[rank].nbytes)
+            return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+        state, read = reshard(template, layouts, fetch, self.rank_local_keys,
+                              prefer=lambda rank: other.holders[rank] == self.node)
+        held = (f"all {other.world} ranks" if len(other.holders) == other.world else
+                f"ranks {', '.join(map(str, other.holders))} of the {other.world} ranks (the others' blocks were "
+                f"lost; these hold the whole state)")
+        reason = (f"step {other.step} is in keeper memory for {held} of the {other.parallel} layout" +
+                  (f"; storage's newest is step {stored}" if stored is not None else ""))
+        return state, other.step, {"tier": "keeper (resharded)", "reason": reason,
+                                   "resharded_from": other.parallel}
 
     def _refuse_if_all_refused(self) -> None:
         """A run whose storage holds committed checkpoints, none of them usable, does not start over on top of
@@ -136,6 +184,38 @@ class Restorer:
             blocks[k + entry["j"]] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         data = self.codec.decode(dict(sorted(blocks.items())[:k]) if len(blocks) > k else blocks)
         return data[members.index(rank)][: measured.layout.nbytes].clone()
+
+
+@dataclass(frozen=True)
+class OtherLayout:
+    """The newest step another layout snapshotted that some keeper still holds blocks of."""
+
+    fingerprint: str
+    step: int
+    holders: dict[int, int]  # its rank -> a node whose keeper holds that rank's block of the step
+    world: int  # its ranks: the blocks of those not in `holders` were lost
+    parallel: str  # its `Layout.name()`
+
+
+def other_layouts_in_memory(inventories: list[Optional[dict[str, Any]]], mine: Optional[str]) -> list[OtherLayout]:
+    """The steps of layouts other than `mine` (fingerprint) of which keepers hold blocks, newest first (the most
+    blocks first among equally new ones), from every rank's raw keeper inventory (registered and retired ranks).
+    Whether a step's blocks hold the whole state is for `reshard.coverage_problem` to say (replicas may stand in
+    for lost ranks)."""
+    held: dict[tuple[str, int], dict[int, int]] = {}  # (fingerprint, step) -> {its rank: node}
+    about: dict[str, tuple[int, str]] = {}  # fingerprint -> (world, parallel)
+    for inventory in inventories:
+        if inventory is None:
+            continue
+        entries = [{"rank": int(r), **e} for r, e in inventory["data"].items()] + inventory.get("retired", [])
+        for entry in entries:
+            if not entry.get("fp") or entry["fp"] == mine or not entry.get("world"):
+                continue
+            about[entry["fp"]] = (entry["world"], entry.get("parallel") or f"{entry['world']}-rank")
+            for step, _slot in entry["steps"]:
+                held.setdefault((entry["fp"], step), {})[entry["rank"]] = inventory["node"]
+    return [OtherLayout(fingerprint, step, dict(sorted(holders.items())), *about[fingerprint])
+            for (fingerprint, step), holders in sorted(held.items(), key=lambda item: (-item[0][1], -len(item[1])))]
 
 
 def _padded(block: torch.Tensor, length: int) -> torch.Tensor:

@@ -82,7 +82,8 @@ class SnapshotEngine:
         self.commit = SnapshotCommit(slots=self.slots, peers=self.peers, collectives=self.collectives, codec=codec,
                                      group=my_group, index=my_index, rank=ctx.rank, epoch=self.epoch,
                                      event=self._emit)
-        layout = Layout.from_config(cfg).name()  # recorded in each manifest: a resume says what it resharded from
+        # recorded in each manifest and keeper registration: a resume says what it resharded from
+        self.layout_name = layout = Layout.from_config(cfg).name()
         self.persist = PersistClient(slots=self.slots, store=self.store, collectives=self.collectives, cfg=self.cfg,
                                      rank=ctx.rank, world_size=ctx.world_size, timeout=self.timeout, layout=layout)
         self.restorer = Restorer(slots=self.slots, peers=self.peers, collectives=self.collectives, store=self.store,
@@ -123,6 +124,7 @@ class SnapshotEngine:
     def _measure(self, state: dict[str, Any]) -> None:
         self.measured = measure(state, self.rank_local_keys, self.ctx.rank, self.ctx.world_size,
                                 self.cfg.erasure_k, self.cfg.erasure_m, self.collectives.all_gather)
+        self.measured.plan.update(world_size=self.ctx.world_size, parallel=self.layout_name)  # for a reshard
         self.sources.reset(self.measured.layout, state)
 
     def _ensure_keepers(self) -> None:

@@ -161,8 +161,8 @@ class Trainer:
             if "resharded_from" in info:
                 to = Layout.from_config(self.cfg).name()
                 rng = ("each rank's RNG streams were restored" if "rng" in state else
-                       f"the RNG streams are per rank and this world size differs: each rank re-seeded them from "
-                       f"run.seed={self.cfg.run.seed} (nothing in the model draws from them while training)")
+                       f"RNG streams are per rank and not carried to another world size or from memory: each rank "
+                       f"re-seeded them from run.seed={self.cfg.run.seed} (nothing in the model draws from them)")
                 append_event(self.run_dir, "reshard", step=step, from_layout=info["resharded_from"], to_layout=to,
                              tier=info["tier"], seconds=seconds, rng=rng)
                 self.print(f"resharded step {step} from {info['resharded_from']} to {to} ({info['tier']}, "

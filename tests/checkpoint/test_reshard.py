@@ -1,11 +1,11 @@
-"""State has no layout in it: a run trained at layout A and resumed from storage at layout B trains on as the run
-that stayed at A did — every loss after the change within 1e-5 relative (fp32), the final parameters within
-1e-4, the same global samples step by step — and says it resharded (a `reshard` event: from, to, tier).
+"""State has no layout in it: a run trained at layout A and resumed at layout B trains on as the run that stayed
+at A did — every loss after the change within 1e-5 relative (fp32), the final parameters within 1e-4, the same
+global samples step by step — and says it resharded (a `reshard` event: from, to, tier).
 
-Each run at A is a shared reference run of tests/parallel/test_loss_curves.py (16 steps, persisted every 2);
-the run under test is a copy of it back at its oldest kept checkpoint (what a run that died after that step
-left in storage), relaunched at B. Keeper memory never serves another layout's blocks (their
-fingerprint differs), so a resume at another layout reads storage."""
+Each run at A is a shared reference run of tests/parallel/test_loss_curves.py (16 steps, persisted every 2).
+The matrix resumes a copy of it back at its oldest kept checkpoint (what a run that died after that step left
+in storage; a copy has no keepers, so it reads storage) at B. The last test kills a run at A and relaunches it
+in its own folder at B, on the node it did not lose: its keeper's memory of layout A is resharded."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from phalanx.checkpoint.keeper import node_dir
+from phalanx.checkpoint.link import default_keeper_dir, run_identity
+from phalanx.checkpoint.persistent import CheckpointStore
+from tests.checkpoint.test_recovery import keeper_pid, sigkill
 from tests.checkpoint.test_persistent import copy_back_to_the_oldest_checkpoint
 from tests.helpers import REPO, events, final_checkpoint, load_checkpoint, losses, metrics, run_overrides, train_local
 from tests.parallel.test_loss_curves import COMMON, LAYOUTS, ONE_PROCESS, STEPS
@@ -50,11 +54,11 @@ def resume_at(config: Path, ref: Path, root: Path, layout_b: list[str], world: i
     return run_dir, oldest
 
 
-def assert_same_trajectory(run_dir: Path, ref: Path, resumed: int) -> None:
+def assert_same_trajectory(run_dir: Path, ref: Path, resumed: int, tier: str = "storage") -> None:
     restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
     reshard = [e for e in events(run_dir) if e["event"] == "reshard"][-1]
-    assert restore["restored_from"] == "storage" and restore["step"] == resumed, restore
-    assert reshard["step"] == resumed and reshard["tier"] == "storage" and reshard["from_layout"] != reshard["to_layout"]
+    assert restore["restored_from"] == tier and restore["step"] == resumed, restore
+    assert reshard["step"] == resumed and reshard["tier"] == tier and reshard["from_layout"] != reshard["to_layout"]
     got, want = losses(run_dir), losses(ref)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(resumed + 1, STEPS + 1):
@@ -89,3 +93,25 @@ def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_r
     assert resumed < resumed_again < STEPS
     assert [e for e in events(run_dir) if e["event"] == "reshard"][-1]["from_layout"].startswith("dp4 zero3")
     assert_same_trajectory(run_dir, ref, resumed_again)
+
+
+def test_a_run_that_lost_a_node_goes_on_on_the_survivor_from_keeper_memory(reference_run, tmp_path):
+    """Elastic: a pp2 x dp2 run on 4 ranks over 2 (simulated) nodes, each node one whole replica (parallel.order
+    dp,pp,sp), loses node 1 at step 11 (rank 3 SIGKILLed, then node 1's keeper) and has no spare: relaunched
+    as dp2 on the surviving node, it takes its state from that node's keeper — the 4-rank layout's blocks,
+    resharded in memory, newer than storage — and trains on as the uninterrupted 4-rank run did."""
+    config, ref, world_a = reference(reference_run, "pp2xdp2")
+    root, kill = tmp_path / "run", "fault.inject=[kill:rank=3:step=11]"
+    with pytest.raises(RuntimeError, match="died"):
+        train_local(config, run_overrides(root, *COMMON, kill, "parallel.order=dp,pp,sp",
+                                          "checkpoint.simulate_nodes=2"), world_a)
+    sigkill(keeper_pid(root / "t", 1))
+    stored = CheckpointStore(str(root / "t" / "checkpoints")).latest() or 0
+    train_local(config, run_overrides(root, *COMMON, kill, "parallel.pp=1", "parallel.dp=2"), 2)
+    restore = [e for e in events(root / "t") if e["event"] == "restore"][-1]
+    assert restore["step"] >= 10 > stored, (restore, stored)  # at most the step in flight lost
+    assert "ranks 0, 1 of the 4 ranks (the others' blocks were lost" in restore["reason"], restore
+    assert_same_trajectory(root / "t", ref, restore["step"], tier="keeper (resharded)")
+    # the 4-rank layout's memory is let go once the 2-rank layout has committed a step of its own
+    run_id, _ = run_identity(str(root / "t"))
+    assert not list(Path(node_dir(default_keeper_dir(), run_id, 0)).glob("*retired*"))

@@ -1,6 +1,7 @@
 """The restore decision, case by case, without processes: every tier the end-to-end recovery tests reach
 (own keeper, a peer's copy, an erasure decode, more than m lost, storage newer than memory, a torn newest
-checkpoint, nothing at all) from the keepers' inventories alone."""
+checkpoint, nothing at all) from the keepers' inventories alone; and which blocks of another layout a launch can
+reshard, read into any template (reshard.py)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,46 @@ def test_a_short_group_decodes_with_its_virtual_zero_members():
     """A group of one real member (k=2): the missing member counts as a known zero block."""
     plan = plan_restore([keeper(1, {}, (parity(3, [0]),))], nodes=[0], k=2, stored=None)
     assert (plan.step, plan.tiers) == (3, ["peers (erasure decode)"])
+
+
+# ---- another layout's blocks (reshard.py) ------------------------------------------------------
+
+
+def test_other_layouts_are_offered_newest_first_and_this_launchs_own_never():
+    from phalanx.checkpoint.restore import other_layouts_in_memory
+
+    def entry(fp: str, steps: list[int], world: int = 2) -> dict:
+        return {"fp": fp, "world": world, "parallel": f"layout {fp}", "steps": [[s, i] for i, s in enumerate(steps)]}
+
+    node0 = {"node": 0, "data": {"0": entry("new", [])}, "parity": [], "retired": [{"rank": 0, **entry("old", [7, 8])}]}
+    node1 = {"node": 1, "data": {"1": entry("old", [7])}, "parity": [], "retired": []}
+    offered = other_layouts_in_memory([node0, node1, None], mine="new")
+    assert [(o.step, o.holders, o.world, o.parallel) for o in offered] == [
+        (8, {0: 0}, 2, "layout old"), (7, {0: 0, 1: 1}, 2, "layout old")]
+
+
+def test_blocks_of_another_layout_fill_any_template_and_a_lost_shard_is_named():
+    """Two old ranks each hold half the rows of `w` (a sharded weight) and all of `b` (replicated); a one-rank
+    template is filled from both, takes the non-tensor values from the first, and leaves out per-rank state.
+    With one block lost, the half of `w` it held is named."""
+    import torch
+
+    from phalanx.checkpoint.flat import FlatLayout, LeafMeta
+    from phalanx.checkpoint.reshard import coverage_problem, memory_metadata, reshard
+
+    full = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    layouts, blocks = {}, {}
+    for rank in (0, 1):
+        rows = full[3 * rank: 3 * rank + 3]
+        layout = FlatLayout([LeafMeta("w", "float32", [3, 4], 0, 48, [6, 4], [3 * rank, 0]),
+                             LeafMeta("b", "float32", [4], 64, 16, [4], [0])], 1024)
+        blocks[rank] = torch.zeros(layout.nbytes, dtype=torch.uint8)
+        layout.pack(blocks[rank], {"w": rows, "b": torch.ones(4), "step": 7, "rng": {"seed": rank}})
+        layouts[rank] = layout
+    template = {"w": torch.zeros(6, 4), "b": torch.zeros(4), "step": 0, "rng": {"seed": 99}}
+    state, read = reshard(template, layouts, blocks.__getitem__, ("rng",))
+    assert torch.equal(state["w"], full) and torch.equal(state["b"], torch.ones(4)) and state["step"] == 7
+    assert "rng" not in state and read == [0, 1]
+    assert coverage_problem(template, memory_metadata(layouts)[0], ("rng",)) is None
+    assert coverage_problem(template, memory_metadata({1: layouts[1]})[0], ("rng",)) == \
+        "the keepers hold 12 of the 24 elements of w"
