@@ -151,6 +151,12 @@ class FaultConfig:
     straggler_steps: int = 3  # ... for this many steps in a row is reported as a straggler
     max_restarts: int = 3  # recoveries before the controller gives up (naming the newest usable checkpoint)
     wait_for_nodes_s: float = 60.0  # after a node loss, how long to wait for resources for its workers
+    # Elastic `phalanx ray`: workers that find no room within wait_for_nodes_s do not end the run; it goes on
+    # with fewer (at least min_workers) on the layout the planner ranks best for them (same data-parallel back
+    # end, train.batch_size kept), its state resharded from the keepers' memory, and grows back to --workers
+    # once Ray has room again.
+    elastic: bool = False
+    min_workers: int = 1
     # Tests and demos: "kill:rank=1:step=5", "hang:rank=1:step=5" (blocks before its next collective),
     # "slow:rank=1:step=3:factor=3" (every step from then on), "node:node=1:step=5" (controller: the node's
     # keeper and workers die), "kill_restoring:rank=0:step=5" (killed while restoring step 5 or later: a failure
@@ -439,6 +445,7 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
     _positive("fault.straggler_steps", cfg.fault.straggler_steps)
     _positive("fault.max_restarts", cfg.fault.max_restarts, allow_zero=True)
     _positive("fault.wait_for_nodes_s", cfg.fault.wait_for_nodes_s, allow_zero=True)
+    _positive("fault.min_workers", cfg.fault.min_workers)
     if cfg.fault.straggler_factor <= 1:
         raise ConfigError(f"fault.straggler_factor={cfg.fault.straggler_factor} must be > 1 (how many times the "
                           f"median busy time makes a straggler), e.g. 2.0")

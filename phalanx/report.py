@@ -27,6 +27,7 @@ STYLES = {
     "fault": ("black", "--", 1.0, "fault injected"),
     "interrupted": ("grey", ":", 1.3, "stopped by signal"),
     "resumed": ("tab:blue", "-.", 1.3, "relaunched (resume)"),
+    "resized": ("tab:purple", "--", 2.0, "resized (elastic)"),
 }
 
 
@@ -78,7 +79,8 @@ def marks(events: list[dict]) -> list[Mark]:
         elif kind == "failure":
             recovery, outcome, end = _outcome(event, events)
             windows.append((event["time"], end))
-            what = f"{event['cause']} (rank {','.join(map(str, event['ranks']))})"
+            what = (f"{event['cause']} (rank {','.join(map(str, event['ranks']))})" if event["ranks"] else
+                    f"{event['cause']}: {event.get('detail', '')}")
             # The controller counts steps from heartbeats, which may miss the last step before a kill.
             reached = max(recovery["step"] + recovery["steps_lost"] if recovery else 0,
                           _step_before(events, event["time"]) or 0)
@@ -86,6 +88,9 @@ def marks(events: list[dict]) -> list[Mark]:
             if recovery is not None:
                 out.append(Mark(recovery["step"], "recovered",
                                 f"from {recovery['restored_from']}, {recovery['downtime_s']:.1f}s down"))
+        elif kind == "resize":
+            out.append(Mark(event["step"], "resized", f"{event['from_workers']} -> {event['to_workers']} workers "
+                                                      f"({event['to_layout']})"))
         elif kind == "interrupted":
             out.append(Mark(event["step"], "interrupted", "stopped"))
         elif kind == "resume" and not any(start <= event["time"] <= end for start, end in windows):

@@ -215,3 +215,30 @@ def test_torn_and_foreign_lines_are_skipped_with_one_warning_naming_the_file(tmp
     assert any("events.jsonl: skipped line 3, 4, 6" in s for s in said), said
     assert any("metrics.jsonl: skipped line 7" in s for s in said), said
     assert "recoveries: none" in capsys.readouterr().out
+
+
+def test_an_elastic_shrink_and_growth_are_marked_and_on_the_controllers_timeline(tmp_path):
+    """A node lost with no spare (4 -> 2 workers, resharded from memory at step 6), then room again (-> 4)."""
+    from phalanx.launch.timeline import timeline
+
+    lost = failure(T0 + 10, "lost node", [2, 3], [1], "the node left the cluster")
+    grow = failure(T0 + 30, "grow", [], [], "Ray has room for --workers=4 again")
+
+    def resize(of: dict, at: float, step: int, sizes: tuple[int, int], layouts: tuple[str, str]) -> dict:
+        return {**recovery(of, at, step, 0, "keeper (resharded)", (0.2, 4.0, 0.1, 0.1)), "event": "resize",
+                "from_workers": sizes[0], "to_workers": sizes[1], "from_layout": layouts[0], "to_layout": layouts[1],
+                "replan_s": 1.0}
+
+    events = [lost, *relaunch(T0 + 14, 6, "keeper (resharded)"),
+              recovery(lost, T0 + 14.3, 6, 0, "keeper (resharded)", (0.2, 4.0, 0.1, 0.1)),
+              resize(lost, T0 + 14.3, 6, (4, 2), ("dp4 ddp mb1", "dp2 ddp mb2")),
+              grow, *relaunch(T0 + 34, 9, "keeper (resharded)"),
+              recovery(grow, T0 + 34.3, 9, 0, "keeper (resharded)", (0.0, 4.0, 0.1, 0.1)),
+              resize(grow, T0 + 34.3, 9, (2, 4), ("dp2 ddp mb2", "dp4 ddp mb1"))]
+    assert [(m.step, m.kind, m.label) for m in marks(events) if m.kind in ("failure", "resized")] == [
+        (6, "failure", "lost node (rank 2,3)"), (6, "resized", "4 -> 2 workers (dp2 ddp mb2)"),
+        (9, "failure", "grow: Ray has room for --workers=4 again"), (9, "resized", "2 -> 4 workers (dp4 ddp mb1)")]
+    run = write_run(tmp_path, events, range(1, 12))
+    lines = timeline(str(run), T0)
+    assert "resized (lost node): 4 workers (dp4 ddp mb1) -> 2 (dp2 ddp mb2), from keeper (resharded) at step 6, " \
+           "replan 1.00s" in lines[3], lines

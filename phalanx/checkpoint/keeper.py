@@ -181,7 +181,10 @@ class Keeper:
     @staticmethod
     def _close(state: Optional[RankState]) -> None:
         for slot in state.slots if state is not None else ():
-            slot.buffer.close()
+            try:
+                slot.buffer.close()
+            except BufferError:  # a reply's view of it (a `fetch`) is still alive: unmapped when it goes
+                pass
             os.unlink(slot.path)
 
     def _state(self, rank: int) -> RankState:

@@ -112,8 +112,8 @@ class Restorer:
         state, read = reshard(template, layouts, fetch, self.rank_local_keys,
                               prefer=lambda rank: other.holders[rank] == self.node)
         held = (f"all {other.world} ranks" if len(other.holders) == other.world else
-                f"ranks {', '.join(map(str, other.holders))} of the {other.world} ranks (the others' blocks were "
-                f"lost; these hold the whole state)")
+                f"ranks {', '.join(map(str, other.holders))} of the {other.world} ranks (the others' blocks of it are "
+                f"lost or incomplete; these hold the whole state)")
         reason = (f"step {other.step} is in keeper memory for {held} of the {other.parallel} layout" +
                   (f"; storage's newest is step {stored}" if stored is not None else ""))
         return state, other.step, {"tier": "keeper (resharded)", "reason": reason,

@@ -26,6 +26,10 @@ def newest_checkpoint(cfg: Any, run_dir: str) -> str:
             else "no persisted checkpoint exists yet")
 
 
+class NoRoom(PhalanxError):
+    """Ray cannot place an attempt's workers within the time allowed."""
+
+
 def keep_nodes(bundle_nodes: list[str], previous: list[str]) -> list[int]:
     """The bundle of each rank: one on the node the rank had in the last attempt when the new placement
     has one there (its keeper holds the rank's snapshots, restored from memory at no network cost), else
@@ -45,26 +49,34 @@ class AttemptLauncher:
 
     def __init__(self, cfg: Any, config_path: str, overrides: list[str], workers: int, run_dir: str):
         self.cfg, self.config_path, self.overrides, self.workers, self.run_dir = cfg, config_path, overrides, workers, run_dir
+        self.layout_overrides: list[str] = []  # an elastic run's layout for fewer workers (elastic.py)
         self.node_index: dict[str, int] = {}
         self.keepers: dict[int, Any] = {}  # node index -> KeeperActor
         self.standby = Standby()  # a warm spare worker per node replaces a failed rank
         self.placed: tuple[Any, list[str]] = (None, [])  # the current attempt's placement group and nodes
 
-    def place(self, previous: list[str]) -> tuple[Any, list[str], list[int]]:
+    def resize(self, workers: int, layout_overrides: list[str]) -> None:
+        """The next attempts run `workers` workers with `layout_overrides` on top of the run's own."""
+        self.workers, self.layout_overrides = workers, list(layout_overrides)
+
+    def place(self, previous: list[str], timeout_s: Optional[float] = None) -> tuple[Any, list[str], list[int]]:
         """A placement group of one bundle per worker (spread over the nodes), the Ray node of each rank and
-        its bundle: ranks stay on the nodes they had (`previous`, `keep_nodes`) where the group has room."""
+        its bundle: ranks stay on the nodes they had (`previous`, `keep_nodes`) where the group has room.
+        NoRoom when Ray cannot place them within `timeout_s` (default fault.wait_for_nodes_s)."""
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
         gpus = ray.cluster_resources().get("GPU", 0) >= self.workers
         bundle = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
         pg = placement_group([dict(bundle) for _ in range(self.workers)], strategy="SPREAD")
-        ready, _ = ray.wait([pg.ready()], timeout=max(self.cfg.fault.wait_for_nodes_s, 1.0))
+        wait = self.cfg.fault.wait_for_nodes_s if timeout_s is None else timeout_s
+        ready, _ = ray.wait([pg.ready()], timeout=max(wait, 1.0))
         if not ready:
             ray.util.remove_placement_group(pg)
-            raise PhalanxError(f"Ray cannot place {self.workers} workers ({bundle} each) within "
-                               f"fault.wait_for_nodes_s={self.cfg.fault.wait_for_nodes_s:.0f}s; "
-                               f"{newest_checkpoint(self.cfg, self.run_dir)}; add nodes or lower --workers")
+            elastic = "" if self.cfg.fault.elastic else ", or set fault.elastic=true to go on with fewer"
+            raise NoRoom(f"Ray cannot place {self.workers} workers ({bundle} each) within {wait:.0f}s "
+                         f"(fault.wait_for_nodes_s); {newest_checkpoint(self.cfg, self.run_dir)}; add nodes or "
+                         f"lower --workers{elastic}")
         nodes = placement_group_table(pg)["bundles_to_node_id"]
         bundles = keep_nodes([nodes[i] for i in range(self.workers)], previous)
         return pg, [nodes[b] for b in bundles], bundles
@@ -128,7 +140,7 @@ class AttemptLauncher:
         self.placed = (pg, list(node_ids))
         master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
         port = ray.get(workers[0].free_port.remote(), timeout=60)
-        overrides = [*self.overrides, f"run.name={os.path.basename(self.run_dir)}",
+        overrides = [*self.overrides, *self.layout_overrides, f"run.name={os.path.basename(self.run_dir)}",
                      f"run.dir={os.path.dirname(self.run_dir)}", "run.resume=true"]
         futures = []
         for rank, worker in enumerate(workers):

@@ -22,10 +22,10 @@ import time
 from dataclasses import replace
 from typing import Any, Optional
 
-from phalanx.errors import PhalanxError
+from phalanx.errors import ConfigError, PhalanxError
 from phalanx.events import append_event, read_events
 from phalanx.faults import fired, parse_injection
-from phalanx.launch.attempt import AttemptLauncher, newest_checkpoint
+from phalanx.launch.attempt import AttemptLauncher, NoRoom, newest_checkpoint
 from phalanx.launch.failures import Failure, RankEnd, Reports, classify_failure, next_question
 from phalanx.launch.ray_setup import connect
 from phalanx.launch.recovery import recovery_line, recovery_record
@@ -79,6 +79,8 @@ class Controller:
         self.node_ids: list[str] = []  # Ray node of each rank in the current attempt
         self.lost_nodes: set[int] = set()  # nodes whose keeper and workers an injected node loss killed
         self.reached = 0  # the newest step any worker reported (steps after the restored one are lost)
+        self.target = workers  # --workers: an elastic run that shrank grows back to it
+        self.resizing: Optional[dict[str, Any]] = None  # the resize the current attempt makes, until recorded
 
     # ---- one attempt -------------------------------------------------------------------------
 
@@ -92,7 +94,7 @@ class Controller:
         keep: list[Optional[Any]] = list(workers)
         # DeepSpeed keeps process-wide state (its process groups) that a second run in the same process
         # trips over ("Group ... is not registered"): ZeRO ranks always restart in fresh processes.
-        if failure.cause == "lost node" or self.cfg.parallel.dp_backend == "zero":
+        if failure.cause in ("lost node", "grow") or self.cfg.parallel.dp_backend == "zero":
             keep = [None] * len(workers)
         for rank in failure.ranks:  # first: a hung rank's peers wait in a collective with it until it goes
             keep[rank] = None
@@ -175,8 +177,73 @@ class Controller:
             failure = classify_failure(self._reports(nodes, last_seen, beats))  # a hang
             if failure is not None:
                 raise failure
+            if recovering is None and self._room_to_grow(beats):
+                raise Failure("grow", [], [], time.time(), detail=f"Ray has room for --workers={self.target} again")
             self._stragglers(beats, nodes)
             self._inject_node_loss(beats, workers, nodes, kill)
+
+    def _room_to_grow(self, beats: dict[int, dict[str, Any]]) -> bool:
+        """An elastic run below --workers whose attempt trains (its keepers hold a step of this layout), now
+        that Ray has room for the workers it lacks."""
+        import ray
+
+        missing = self.target - self.attempts.workers
+        if missing <= 0 or not any(b["step"] > 0 for b in beats.values()):
+            return False
+        kind = "GPU" if ray.cluster_resources().get("GPU", 0) >= self.target else "CPU"
+        return ray.available_resources().get(kind, 0) >= missing
+
+    def _place(self, previous: list[str], failure: Optional[Failure]) -> tuple[Any, list[str], list[int]]:
+        """The attempt's placement; an elastic run that finds no room for its workers goes on with fewer."""
+        try:
+            return self.attempts.place(previous)
+        except NoRoom:
+            if not (self.fault.elastic and failure is not None):
+                raise
+        return self._shrink(previous, failure)
+
+    def _shrink(self, previous: list[str], failure: Failure) -> tuple[Any, list[str], list[int]]:
+        """The largest world (at least fault.min_workers) Ray can place now, on the layout the planner ranks
+        best for it (`elastic.py`); the resize is recorded with the recovery that follows."""
+        import ray
+
+        from phalanx.launch.actors import alive_nodes
+        from phalanx.launch.elastic import elastic_layout, no_layout_message
+
+        start, before = time.time(), self.attempts.workers
+        device = "H100" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        from_layout = self._layout_name()
+        for world in range(before - 1, self.fault.min_workers - 1, -1):
+            layout = elastic_layout(self.cfg, world, len(alive_nodes()), device)
+            if layout is None:
+                continue
+            self.attempts.resize(world, layout.to_overrides())
+            try:
+                placed = self.attempts.place(previous, timeout_s=5.0)
+            except NoRoom:
+                continue
+            self.resizing = {"cause": failure.cause, "from_layout": from_layout, "to_layout": layout.name(),
+                             "from_workers": before, "to_workers": world, "replan_s": time.time() - start}
+            print(f"phalanx ray: elastic: no room for {before} workers; going on with {world} as {layout.name()}",
+                  flush=True)
+            return placed
+        self.attempts.resize(before, self.attempts.layout_overrides)
+        raise PhalanxError(f"{no_layout_message(self.cfg, self.fault.min_workers, before - 1)}; "
+                           f"{newest_checkpoint(self.cfg, self.run_dir)}")
+
+    def _grow(self, failure: Failure) -> None:
+        """Back to --workers on the run's own layout (the placement waits fault.wait_for_nodes_s for room)."""
+        self.resizing = {"cause": failure.cause, "from_layout": self._layout_name(), "to_workers": self.target,
+                         "from_workers": self.attempts.workers, "replan_s": 0.0}
+        self.attempts.resize(self.target, [])
+        self.resizing["to_layout"] = self._layout_name()
+
+    def _layout_name(self) -> str:
+        from phalanx.config import load_config
+        from phalanx.parallel.layout import Layout
+
+        cfg = load_config(self.attempts.config_path, [*self.attempts.overrides, *self.attempts.layout_overrides])
+        return Layout.from_config(cfg, self.attempts.workers).name()
 
     def _reports(self, nodes: list[int], last_seen: dict[int, float], beats: dict[int, dict[str, Any]],
                  **facts: Any) -> Reports:
@@ -275,11 +342,15 @@ class Controller:
             while True:
                 futures: list[Any] = []
                 try:
-                    if pg is not None and not set(node_ids) <= alive_nodes():
-                        ray.util.remove_placement_group(pg)  # bundles on a dead node: place again
-                        pg, workers = None, [None] * self.workers
+                    if pg is not None and (not set(node_ids) <= alive_nodes() or self.resizing is not None):
+                        ray.util.remove_placement_group(pg)  # bundles on a dead node, or another world: place again
+                        pg = None
                     if pg is None:
-                        pg, node_ids, bundles = self.attempts.place(node_ids)
+                        pg, node_ids, bundles = self._place(node_ids, failure)
+                    if len(workers) != self.attempts.workers:  # resized: every rank starts afresh
+                        for worker in workers:
+                            kill(worker)
+                        workers = [None] * self.attempts.workers
                     self.node_ids, self.lost_nodes = list(node_ids), set()
                     workers, nodes, futures = self.attempts.start(restarts, pg, node_ids, bundles, workers)
                     self._watch(workers, nodes, futures, None if failure is None else (failure, last_step))
@@ -294,6 +365,9 @@ class Controller:
                     print(f"phalanx ray: {failure}", flush=True)
                     workers = self._survivors(workers, futures, failure)
                     last_step = self.reached
+                    if failure.cause == "grow":  # not a failure: no restart is spent on it
+                        self._grow(failure)
+                        continue
                 if restarts >= self.fault.max_restarts:
                     self.attempts.drain_keepers(self.fault.collective_timeout_s)
                     message = (f"giving up after fault.max_restarts={self.fault.max_restarts} recoveries "
@@ -319,6 +393,11 @@ class Controller:
             return False
         append_event(self.run_dir, "recovery", **record)
         print(recovery_line(record), flush=True)
+        if self.resizing is not None:
+            keys = ("restored_from", "step", "steps_lost", "detect_s", "restore_s", "first_step_s", "downtime_s")
+            append_event(self.run_dir, "resize", **self.resizing, **{k: record[k] for k in keys},
+                         restart_s=record["restart_s"] - self.resizing["replan_s"])
+            self.resizing = None
         return True
 
 
@@ -328,6 +407,9 @@ def main(config_path: str, overrides: list[str], workers: int, address: Optional
     from phalanx.trainer.rundir import prepare_run_dir
 
     cfg = validate(load_config(config_path, overrides), workers)
+    if cfg.fault.elastic and cfg.fault.min_workers > workers:
+        raise ConfigError(f"fault.min_workers={cfg.fault.min_workers} > --workers={workers}: an elastic run goes on "
+                          f"with at most the workers it asked for; lower fault.min_workers")
     run_dir, messages = prepare_run_dir(cfg)
     for message in messages:
         print(message, flush=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from phalanx.events import read_events
 
-SHOWN = ("workers", "fault_injected", "failure", "recovery", "straggler", "gave_up", "controller_done")
+SHOWN = ("workers", "fault_injected", "failure", "recovery", "resize", "straggler", "gave_up", "controller_done")
 
 
 def _line(event: dict[str, Any]) -> str:
@@ -17,6 +17,8 @@ def _line(event: dict[str, Any]) -> str:
         where = f"node {event['node']}" if event.get("kind") == "node" else f"rank {event.get('rank')}"
         return f"fault injected: {event['spec']} ({where}, step {event['step']})"
     if kind == "failure":
+        if not event["ranks"]:  # not a failure: an elastic run's room to grow
+            return f"{event['cause']}: {event.get('detail', '')}"
         return (f"failure detected: {event['cause']}, ranks {event['ranks']} on nodes {event['nodes']}"
                 + (f" ({event['detail']})" if event.get("detail") else ""))
     if kind == "recovery":
@@ -24,6 +26,10 @@ def _line(event: dict[str, Any]) -> str:
                 f"steps lost {event['steps_lost']}; downtime {event['downtime_s']:.2f}s = detect "
                 f"{event['detect_s']:.2f} + restart {event['restart_s']:.2f} + restore {event['restore_s']:.2f} "
                 f"+ first step {event['first_step_s']:.2f}")
+    if kind == "resize":
+        return (f"resized ({event['cause']}): {event['from_workers']} workers ({event['from_layout']}) -> "
+                f"{event['to_workers']} ({event['to_layout']}), from {event['restored_from']} at step {event['step']}, "
+                f"replan {event['replan_s']:.2f}s")
     if kind == "straggler":
         return (f"straggler: rank {event['rank']} (node {event['node']}) busy {event['busy_s']:.3f}s per step "
                 f"vs median {event['median_busy_s']:.3f}s")

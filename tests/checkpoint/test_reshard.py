@@ -110,7 +110,7 @@ def test_a_run_that_lost_a_node_goes_on_on_the_survivor_from_keeper_memory(refer
     train_local(config, run_overrides(root, *COMMON, kill, "parallel.pp=1", "parallel.dp=2"), 2)
     restore = [e for e in events(root / "t") if e["event"] == "restore"][-1]
     assert restore["step"] >= 10 > stored, (restore, stored)  # at most the step in flight lost
-    assert "ranks 0, 1 of the 4 ranks (the others' blocks were lost" in restore["reason"], restore
+    assert "ranks 0, 1 of the 4 ranks (the others' blocks of it are lost" in restore["reason"], restore
     assert_same_trajectory(root / "t", ref, restore["step"], tier="keeper (resharded)")
     # the 4-rank layout's memory is let go once the 2-rank layout has committed a step of its own
     run_id, _ = run_identity(str(root / "t"))
