@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml
 # Two pytest workers (pytest-xdist): most of a test's time is process start and waiting on other processes, so
 # two run side by side on two cores in far less time than one. The tests that time failures (marked serial: Ray
 # clusters, a SIGKILL at a drawn step) run after them, alone: beside a second worker a hang was named 34 s late.
+# Tests that share reference runs (tests/parallel/test_loss_curves.shared) run on one worker: each trains them once.
 test: $(STAMP)
-	$(PY) -m pytest -q -ra -n 2 -m "not serial" --durations=10 tests
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not serial" --durations=10 tests
 	$(PY) -m pytest -q -ra -m serial --durations=5 tests
 
 demo: $(STAMP)

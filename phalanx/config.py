@@ -417,10 +417,15 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
     dp = resolve_dp(cfg, world_size)
     per_step = t.micro_batch_size * dp
     if t.batch_size % per_step:
-        fix = per_step * max(1, round(t.batch_size / per_step))
+        # the nearest choices: a micro-batch that keeps the global batch (and so a resumed run's trajectory),
+        # else the nearest global batches (an explicit change of what each step trains on)
+        keep = [m for m in range(t.micro_batch_size, 0, -1) if t.batch_size % (m * dp) == 0][:1]
+        lower, upper = (t.batch_size // per_step) * per_step, (t.batch_size // per_step + 1) * per_step
+        batches = " or ".join(str(b) for b in (lower, upper) if b > 0)
         raise ConfigError(
             f"train.batch_size({t.batch_size}) is not divisible by train.micro_batch_size({t.micro_batch_size}) * "
-            f"dp({dp}) = {per_step}; set train.batch_size to a multiple of {per_step} (e.g. {fix})"
+            f"dp({dp}) = {per_step}; " + (f"set train.micro_batch_size={keep[0]} to keep the batch, or " if keep else "")
+            + f"set train.batch_size to a multiple of {per_step} (e.g. {batches})"
         )
 
     _positive("checkpoint.persist_every", cfg.checkpoint.persist_every, allow_zero=True)

@@ -43,7 +43,7 @@ BAD_INPUTS = [
     ("missing data file", [CONFIG, "data.kind=memmap", "data.path=/nonexistent/tokens.bin"],
      ["/nonexistent/tokens.bin", "phalanx data prepare"]),
     ("indivisible batch", [CONFIG, "train.batch_size=10", "train.micro_batch_size=4"],
-     ["train.batch_size(10)", "micro_batch_size(4)", "multiple of 4"]),
+     ["train.batch_size(10)", "micro_batch_size(4)", "train.micro_batch_size=2 to keep the batch", "e.g. 8 or 12"]),
     ("unknown model kind", [CONFIG, "model.kind=llama9"], ["model.kind='llama9'", "gpt"]),
     ("bad dtype", [CONFIG, "train.dtype=fp13"], ["train.dtype='fp13'", "fp32", "bf16"]),
     ("non-existent config file", ["configs/nope.yaml"], ["configs/nope.yaml", "does not exist"]),

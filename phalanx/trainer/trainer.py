@@ -88,6 +88,7 @@ class Trainer:
         dp_rank, dp_size = ctx.coord("dp")
         self.data = DataPosition(build_dataset(cfg), cfg.train.batch_size, cfg.train.micro_batch_size, dp_rank, dp_size)
         self.rank_local_keys = rank_local = self.RANK_LOCAL_STATE
+        self._local_groups: Optional[list[list[str]]] = None  # this rank's param groups by name (state_dict())
         self.step = 0
         self.wandb_run_id: Optional[str] = None
         self.hooks: list[MetricsHook] = []  # called on every rank after each logged step with its metrics
@@ -108,6 +109,7 @@ class Trainer:
         """Named and shaped globally, so it loads into any layout: the back end's model and optimizer state by
         parameter name (whole, or DTensor shards of the whole), the optimizer's groups as one process has them."""
         model_state, optim_state = self.data_parallel.state_dict(self.model, self.optimizer)
+        self._local_groups = [list(group["params"]) for group in optim_state["param_groups"]]
         optim_state["param_groups"] = self._param_groups(with_params=True)
         return {"model": model_state, "optim": optim_state, **self._small_state()}
 
@@ -130,7 +132,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.data_parallel.load_state_dict(self.model, self.optimizer, state["model"], state["optim"])
+        if self._local_groups is None:
+            self.state_dict()
+        # The saved groups are one process's; this rank's optimizer has its own (a pipeline stage's parameters,
+        # ep-sharded experts apart), each given the hyperparameters of the saved group its parameters are in.
+        groups = [{**{k: v for k, v in next(g for g in state["optim"]["param_groups"] if names[0] in g["params"]).items()
+                      if k != "params"}, "params": names} for names in self._local_groups if names]
+        optim = {**state["optim"], "param_groups": groups}
+        self.data_parallel.load_state_dict(self.model, self.optimizer, state["model"], optim)
         load_schedule_state(self.schedule, state["lr_schedule"])
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])

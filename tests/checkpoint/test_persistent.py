@@ -1,6 +1,6 @@
 """The persistent tier: corruption is detected and skipped, a write that fails at the end says where and keeps
-the step in memory, a SIGKILL mid-write never leaves a checkpoint that looks valid, and a checkpoint written by
-2 ranks resumes on 4 (FSDP) and loads with plain torch.distributed.checkpoint."""
+the step in memory, a SIGKILL mid-write never leaves a checkpoint that looks valid, and a ZeRO-2 run resumes from
+storage bit for bit. (Resumes at other layouts, and plain DCP loading a checkpoint: test_reshard.py.)"""
 
 from __future__ import annotations
 
@@ -9,24 +9,18 @@ import random
 import shutil
 import subprocess
 import time
-import warnings
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
-import torch.distributed.checkpoint as dcp
 
 from phalanx.checkpoint.persistent import CheckpointStore
-from phalanx.config import load_config
 from phalanx.errors import PhalanxError
-from phalanx.parallel import validate
-from phalanx.models import build_on_meta, materialize
 from tests.checkpoint.test_recovery import keeper_pid
 from tests.trainer.test_trainer import make_trainer
 from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint,
                            loopback_env, losses, phalanx_cmd, run_overrides, train_local, wait_for_step)
-from tests.parallel.test_loss_curves import COMMON as CURVE, STEPS as CURVE_STEPS
+from tests.parallel.test_loss_curves import COMMON as CURVE, STEPS as CURVE_STEPS, shared
 
 
 def copy_back_to_the_oldest_checkpoint(run_dir: Path, copy: Path) -> int:
@@ -118,41 +112,7 @@ def test_sigkill_during_persistence_never_leaves_a_valid_looking_torn_checkpoint
 
 
 @pytest.mark.slow
-def test_a_dp2_checkpoint_resumes_at_dp4_and_loads_with_plain_dcp(tmp_path):
-    common = ["train.batch_size=8", "train.micro_batch_size=2", "parallel.dp_backend=fsdp", "train.steps=6",
-              "checkpoint.persist_every=2"]
-    # The run under test is a copy of a dp2 run back at its oldest checkpoint (train.steps is part of the LR
-    # schedule: both runs have 6). Every run is on pooled local ranks (the same code as torchrun ranks).
-    train_local(CONFIG, run_overrides(tmp_path / "ref", *common), 2)
-    run_dir = tmp_path / "run" / "t"
-    resumed = copy_back_to_the_oldest_checkpoint(tmp_path / "ref" / "t", run_dir)
-
-    # Plain DCP, one process, no process group: the unsharded model takes the (FSDP-sharded) weights.
-    cfg = validate(load_config(CONFIG, run_overrides(tmp_path / "plain", *common)), 1)
-    model = materialize(build_on_meta(cfg.model), torch.device("cpu"), seed=123)
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(final_checkpoint(run_dir, resumed)))
-    saved = load_checkpoint(final_checkpoint(run_dir, resumed))["model"]
-    assert saved.keys() == state["model"].keys()
-    for name, value in state["model"].items():
-        assert torch.equal(value, saved[name]), name
-
-    train_local(CONFIG, run_overrides(tmp_path / "run", *common), 4)
-    restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
-    assert restore["restored_from"] == "storage" and restore["step"] == resumed, restore
-    # one node: no parity, and each launch says why
-    assert {e["reason"] for e in events(run_dir) if e["event"] == "erasure_off"} == {
-        "erasure coding k=2, m=1 needs 3 nodes and this run has 1: snapshots survive process crashes (keeper) but "
-        "not the loss of a node"}
-    got, want = losses(run_dir), losses(tmp_path / "ref" / "t")
-    assert sorted(got) == list(range(1, 7))
-    for step in range(resumed + 1, 7):  # the same global batches, now over 4 ranks: equal to rounding
-        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
-
-
-@pytest.mark.slow
+@shared("zero2")
 def test_a_zero2_run_resumes_from_storage_bit_for_bit(reference_run, tmp_path):
     """A ZeRO-2 run (DeepSpeed's state, restored from storage: its snapshots are taken at persist steps only)
     resumes from its oldest kept checkpoint and ends as the uninterrupted run did. The run under test is a copy

@@ -21,7 +21,7 @@ from phalanx.checkpoint.persistent import CheckpointStore
 from tests.checkpoint.test_recovery import keeper_pid, sigkill
 from tests.checkpoint.test_persistent import copy_back_to_the_oldest_checkpoint
 from tests.helpers import REPO, events, final_checkpoint, load_checkpoint, losses, metrics, run_overrides, train_local
-from tests.parallel.test_loss_curves import COMMON, LAYOUTS, ONE_PROCESS, STEPS
+from tests.parallel.test_loss_curves import COMMON, LAYOUTS, ONE_PROCESS, STEPS, shared
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 #          overrides and world of layout B on A's config)
 MATRIX = {
     "dp2-to-dp1": ("ddp2", ONE_PROCESS, 1),
-    "dp1-to-dp4": ("one:ddp2", ["parallel.dp=4"], 4),
+    "dp1-to-fsdp-dp4": ("one:ddp2", ["parallel.dp=4", "parallel.dp_backend=fsdp"], 4),
     "pp2xdp2-to-dp2": ("pp2xdp2", ["parallel.pp=1", "parallel.dp=2"], 2),
     "pp2xdp2-1f1b-to-pp2-gpipe": ("pp2xdp2", ["parallel.dp=1", "parallel.pp_schedule=gpipe"], 2),
     "fsdp-dp2xsp2-to-ddp-dp2": ("fsdp2xsp2", ["parallel.sp=1", "parallel.dp=2", "parallel.dp_backend=ddp"], 2),
@@ -72,7 +72,8 @@ def assert_same_trajectory(run_dir: Path, ref: Path, resumed: int, tier: str = "
         torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("change", MATRIX)
+@pytest.mark.parametrize("change", [pytest.param(change, marks=shared(MATRIX[change][0].removeprefix("one:")))
+                                    for change in MATRIX])
 def test_a_resume_at_another_layout_trains_on_as_the_first_layout_did(change, reference_run, tmp_path):
     name, layout_b, world = MATRIX[change]
     config, ref, world_a = reference(reference_run, name)
@@ -80,8 +81,32 @@ def test_a_resume_at_another_layout_trains_on_as_the_first_layout_did(change, re
     assert_same_trajectory(run_dir, ref, resumed)
     reshard = [e for e in events(run_dir) if e["event"] == "reshard"][-1]
     assert ("re-seeded" in reshard["rng"]) == (world != world_a), reshard  # RNG streams are per rank
+    if change.startswith("fsdp"):  # and plain DCP, one process, no process group, loads the FSDP-sharded weights
+        assert_plain_dcp_loads(config, final_checkpoint(ref, resumed), tmp_path / "plain")
 
 
+def assert_plain_dcp_loads(config: Path, checkpoint: Path, root: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from phalanx.config import load_config
+    from phalanx.models import build_on_meta, materialize
+    from phalanx.parallel import validate
+
+    cfg = validate(load_config(str(config), run_overrides(root, *COMMON, *ONE_PROCESS)), 1)
+    model = materialize(build_on_meta(cfg.model), torch.device("cpu"), seed=123)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(checkpoint))
+    saved = load_checkpoint(checkpoint, rank_local=False)["model"]
+    assert saved.keys() == state["model"].keys()
+    for name, value in state["model"].items():
+        assert torch.equal(value, saved[name]), name
+
+
+@shared("zero2")
 def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_run, tmp_path):
     """DeepSpeed's partitions leave no trace in what ZeRO saves: a zero2 dp2 run resumed at step 12 as zero3 dp4
     trains on as the zero2 run did, and so does that zero3 run's step 14 resumed as FSDP dp2."""
@@ -95,6 +120,7 @@ def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_r
     assert_same_trajectory(run_dir, ref, resumed_again)
 
 
+@shared("pp2xdp2")
 def test_a_run_that_lost_a_node_goes_on_on_the_survivor_from_keeper_memory(reference_run, tmp_path):
     """Elastic: a pp2 x dp2 run on 4 ranks over 2 (simulated) nodes, each node one whole replica (parallel.order
     dp,pp,sp), loses node 1 at step 11 (rank 3 SIGKILLed, then node 1's keeper) and has no spare: relaunched

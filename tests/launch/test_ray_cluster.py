@@ -25,10 +25,10 @@ from tests.helpers import (CONFIG, assert_loopback_only, events, final_checkpoin
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timed failures on a Ray cluster: run alone
 
-STEPS = 30
+STEPS = 24
 SHRINK_AT = 10  # the second node goes after this step
 # rank 0 works 5 times as long per step from here (the shrunk run is still going when a node returns): it is still going when a node returns
-SLOW_AT = SHRINK_AT + 6
+SLOW_AT = SHRINK_AT + 3
 # keeper_linger_s=1: the survivors' keepers hold the snapshots however long the replacement node takes
 # (they lingered out after 60 s with no trainer once, on a loaded machine, and the run started over)
 BASE = [f"train.steps={STEPS}", "train.batch_size=6", "train.micro_batch_size=2", "checkpoint.persist_every=10",

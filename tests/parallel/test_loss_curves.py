@@ -37,7 +37,13 @@ def _run(reference_run, layout: str, one: bool = False):
     return reference_run(config, nproc, *COMMON, *extra)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+def shared(name: str) -> pytest.MarkDecorator:
+    """Tests that share the reference runs of layout `name` run on one pytest-xdist worker (`--dist loadgroup`):
+    each worker trains its own references, so the layout's runs are trained once."""
+    return pytest.mark.xdist_group(name=f"reference-{name}")
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=shared(name)) for name in LAYOUTS])
 def test_loss_curve_matches_one_process(layout, reference_run):
     run_dir = _run(reference_run, layout)
     one, got = losses(_run(reference_run, layout, one=True)), losses(run_dir)
