@@ -424,7 +424,8 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
         batches = " or ".join(str(b) for b in (lower, upper) if b > 0)
         raise ConfigError(
             f"train.batch_size({t.batch_size}) is not divisible by train.micro_batch_size({t.micro_batch_size}) * "
-            f"dp({dp}) = {per_step}; " + (f"set train.micro_batch_size={keep[0]} to keep the batch, or " if keep else "")
+            f"dp({dp}) = {per_step}; "
+            + (f"set train.micro_batch_size={keep[0]} to keep the batch, or " if keep else "")
             + f"set train.batch_size to a multiple of {per_step} (e.g. {batches})"
         )
 

@@ -200,3 +200,13 @@ def assert_loopback_only() -> None:
     bad = [(c.pid, c.laddr, c.raddr, c.status) for c in psutil.net_connections(kind="inet")
            if c.pid in procs and not (loopback(c.laddr.ip) and (not c.raddr or loopback(c.raddr.ip)))]
     assert len(procs) > 3 and not bad, f"non-loopback sockets of Ray's processes: {bad}"
+
+
+def assert_params_close(got: dict, want: dict, rel: float = 1e-4) -> None:
+    """Every tensor of `got` within `rel` of `want`'s, relative to the tensor's largest entry (an entry near zero
+    has no meaningful relative error of its own): the "final parameters within 1e-4" of the parity tests."""
+    assert got.keys() == want.keys(), set(got) ^ set(want)
+    for name, value in want.items():
+        diff = (got[name].float() - value.float()).abs().max().item()
+        scale = value.float().abs().max().item()
+        assert diff <= rel * scale, f"{name}: max |diff| {diff:.3g} > {rel} x max |value| {scale:.3g}"

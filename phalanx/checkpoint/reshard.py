@@ -129,7 +129,8 @@ def coverage_problem(template: dict[str, Any], metadata: Metadata, rank_local_ke
         meta = metadata.state_dict_metadata.get(fqn)
         if meta is None:
             return f"no keeper holds {fqn}"
-        held = sum(math.prod(size) for size in {(tuple(c.offsets), tuple(c.sizes)): c.sizes for c in meta.chunks}.values())
+        distinct = {(tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks}
+        held = sum(math.prod(sizes) for _, sizes in distinct)
         if held < math.prod(meta.size):
             return f"the keepers hold {held} of the {math.prod(meta.size)} elements of {fqn}"
     return None

@@ -334,7 +334,7 @@ class Controller:
 
         from phalanx.launch.actors import alive_nodes, kill
 
-        restarts, failure, last_step = 0, None, 0
+        restarts, attempt, failure, last_step = 0, 0, None, 0
         pg, node_ids, bundles = None, [], []
         workers: list[Optional[Any]] = [None] * self.workers
         launched = time.time()
@@ -352,7 +352,8 @@ class Controller:
                             kill(worker)
                         workers = [None] * self.attempts.workers
                     self.node_ids, self.lost_nodes = list(node_ids), set()
-                    workers, nodes, futures = self.attempts.start(restarts, pg, node_ids, bundles, workers)
+                    workers, nodes, futures = self.attempts.start(attempt, pg, node_ids, bundles, workers)
+                    attempt += 1  # every start: recoveries and an elastic run's growth
                     self._watch(workers, nodes, futures, None if failure is None else (failure, last_step))
                     append_event(self.run_dir, "controller_done", restarts=restarts)
                     print(f"phalanx ray: finished after {restarts} recoveries", flush=True)

@@ -100,10 +100,12 @@ class ZeroStrategy(TorchDataParallel):
         groups: list[dict] = []
         for hyper, flat, params in _partitions(model.optimizer):
             moments = model.optimizer.optimizer.state[flat]
-            groups.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": [names[id(p)] for p in params]})
+            groups.append({**{k: v for k, v in hyper.items() if k != "params"},
+                           "params": [names[id(p)] for p in params]})
             for param in params:
                 state[names[id(param)]] = {
-                    key: value.clone() if key == "step" else safe_get_full_optimizer_state(param, key).reshape(_shape(param))
+                    key: value.clone() if key == "step" else
+                    safe_get_full_optimizer_state(param, key).reshape(_shape(param))
                     for key, value in moments.items()}
         model_state = {name: safe_get_full_fp32_param(param).reshape(_shape(param)).clone()
                        for name, param in model.module.named_parameters()}
@@ -153,8 +155,8 @@ def _partitions(zero: Any) -> list[tuple[dict, torch.Tensor, list[torch.Tensor]]
     for hyper, flat, _ in parts:
         if not base.state.get(flat):
             on_device = hyper.get("fused") or hyper.get("capturable")
-            base.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu"),
-                                "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+            step = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+            base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
     if hasattr(zero, "_hp_optimizer_states_linked"):
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()

@@ -59,8 +59,8 @@ def global_param_groups(local: list[dict[str, Any]], kinds: dict[bool, list[str]
     experts have groups of their own), so state saves these; torch's `set_state_dict` maps them back onto
     any rank's groups by name. Every hyperparameter but weight decay is the same in every group."""
     hyper = {k: v for k, v in local[0].items() if k not in ("params", "weight_decay")}
-    return [{**hyper, "weight_decay": weight_decay if decayed else 0.0, **({"params": list(names)} if with_params else {})}
-            for decayed, names in kinds.items()]
+    return [{**hyper, "weight_decay": weight_decay if decayed else 0.0,
+             **({"params": list(names)} if with_params else {})} for decayed, names in kinds.items()]
 
 
 def schedule_state(schedule: LambdaLR) -> dict[str, Any]:

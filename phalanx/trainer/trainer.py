@@ -136,8 +136,9 @@ class Trainer:
             self.state_dict()
         # The saved groups are one process's; this rank's optimizer has its own (a pipeline stage's parameters,
         # ep-sharded experts apart), each given the hyperparameters of the saved group its parameters are in.
-        groups = [{**{k: v for k, v in next(g for g in state["optim"]["param_groups"] if names[0] in g["params"]).items()
-                      if k != "params"}, "params": names} for names in self._local_groups if names]
+        saved = state["optim"]["param_groups"]
+        groups = [{**{k: v for k, v in next(g for g in saved if names[0] in g["params"]).items() if k != "params"},
+                   "params": names} for names in self._local_groups if names]
         optim = {**state["optim"], "param_groups": groups}
         self.data_parallel.load_state_dict(self.model, self.optimizer, state["model"], optim)
         load_schedule_state(self.schedule, state["lr_schedule"])
