@@ -41,7 +41,7 @@ from phalanx.checkpoint.signing import mac, sign, signature_problem
 from phalanx.checkpoint.untrusted import (FORMAT, MANIFEST, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_METADATA_BYTES,
                                           CheckpointRefused, check_torch_item, parse_manifest, read_metadata,
                                           reading, safetensors_skeleton)
-from phalanx.errors import PhalanxError
+from phalanx.errors import ConfigError, PhalanxError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -128,10 +128,20 @@ class CheckpointStore:
 
     def __init__(self, url: str, key: Optional[bytes] = None, run_hint: str = "RUN"):
         self.url, self.key, self.run_hint = url, key, run_hint
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as err:  # an unknown protocol, or its driver not installed
+            raise ConfigError(f"checkpoint.storage={url!r}: {str(err).splitlines()[0]}; install the fsspec driver "
+                               f"of that protocol (s3:// needs s3fs, gs:// gcsfs, az:// adlfs) or use a local "
+                               f"folder") from None
 
     def path(self, step: int) -> str:
+        """Step `step`'s folder, without the protocol (what `self.fs` takes)."""
         return f"{self.root.rstrip('/')}/step-{step}"
+
+    def step_url(self, step: int) -> str:
+        """Step `step`'s folder with the protocol (what a reader that opens its own filesystem takes)."""
+        return self.fs.unstrip_protocol(self.path(step))
 
     def _file(self, step: int, name: str) -> str:
         return f"{self.path(step)}/{name}"
@@ -419,7 +429,7 @@ class CheckpointStore:
                                f"its layout ({manifest['world_size']} ranks), or start a new run beside it with "
                                f"run.resume=false")
         try:
-            state_dict_loader.load(shared, storage_reader=VettedReader(self.path(step), metadata),
+            state_dict_loader.load(shared, storage_reader=VettedReader(self.step_url(step), metadata),
                                    planner=SafeLoadPlanner())
         except CheckpointException as err:
             raise CheckpointRefused(f"{self.path(step)}: DCP could not load it: {_first_failure(err)}") from None

@@ -217,7 +217,7 @@ def consolidated_model(store: CheckpointStore, step: int) -> dict[str, torch.Ten
         raise PhalanxError(f"checkpoint {store.path(step)} holds no model weights (no '{MODEL_PREFIX}*' tensors)")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=VettedReader(store.path(step), metadata), planner=SafeLoadPlanner(),
+        dcp.load(state, storage_reader=VettedReader(store.step_url(step), metadata), planner=SafeLoadPlanner(),
                  no_dist=True)
     return {fqn[len(MODEL_PREFIX):]: tensor for fqn, tensor in state.items()}
 

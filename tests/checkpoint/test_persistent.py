@@ -127,3 +127,28 @@ def test_a_zero2_run_resumes_from_storage_bit_for_bit(reference_run, tmp_path):
     assert_bitwise_equal(load_checkpoint(final_checkpoint(ref, CURVE_STEPS), rank_local=False),
                          load_checkpoint(final_checkpoint(run_dir, CURVE_STEPS), rank_local=False))
     assert losses(run_dir) == losses(ref)
+
+
+def test_storage_behind_another_protocol_is_loaded_through_it_and_an_unknown_one_is_one_line(tmp_path):
+    """checkpoint.storage on a non-local fsspec protocol (fsspec's in-process memory filesystem here): a run that
+    persists at its end, resumed by another run folder on the same storage (no keepers of its own, so from
+    storage), loads its state through that protocol — the DCP reader once got the path without it and read
+    the local disk. An unknown protocol, or a driver not installed, is one line naming what to install."""
+    import torch
+
+    from phalanx.errors import ConfigError
+
+    common = ["train.steps=4", "checkpoint.persist_every=0", "checkpoint.sign=false",
+              "checkpoint.storage=memory://phalanx-test/ckpt"]
+    first = make_trainer(tmp_path / "a", *common)
+    first.fit()
+    saved = {name: value.clone() for name, value in first.model.state_dict().items()}
+    second = make_trainer(tmp_path / "b", *common)
+    assert second.restore() == 4
+    restore = [e for e in events(tmp_path / "b" / "t") if e["event"] == "restore"][-1]
+    assert restore["restored_from"] == "storage", restore
+    for name, value in second.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    for storage, words in [("nosuchproto://x", "Protocol not known: nosuchproto"), ("s3://bucket/run", "s3fs")]:
+        with pytest.raises(ConfigError, match=f"checkpoint.storage='{storage}': .*{words}.*install the fsspec"):
+            make_trainer(tmp_path / "c", f"checkpoint.storage={storage}")
