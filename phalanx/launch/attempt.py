@@ -119,6 +119,27 @@ class AttemptLauncher:
         if calls:
             ray.wait(calls, num_returns=len(calls), timeout=timeout_s + 5.0)
 
+    @staticmethod
+    def _alive(workers: list[Optional[Any]]) -> list[Optional[Any]]:
+        """The survivors kept from the last attempt that still answer; a process that died since (its run's
+        teardown can crash after the controller's last look at it) leaves its slot to a spare or a new worker."""
+        import ray
+
+        from phalanx.launch.actors import kill
+
+        calls = {i: w.where.remote() for i, w in enumerate(workers) if w is not None}
+        answered, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=10.0) if calls else ([], [])
+        kept = list(workers)
+        for i, call in calls.items():
+            try:
+                alive = call in answered and ray.get(call, timeout=1.0) is not None
+            except Exception:  # its actor died
+                alive = False
+            if not alive:
+                kill(workers[i])
+                kept[i] = None
+        return kept
+
     def start(self, attempt: int, pg: Any, node_ids: list[str], bundles: list[int], workers: list[Optional[Any]]
                ) -> tuple[list[Any], list[int], list[Any]]:
         """Keepers on every node, a worker in every bundle (survivors of the last attempt are reused:
@@ -136,7 +157,7 @@ class AttemptLauncher:
         warm = persists_while_training(self.cfg)
         for node in sorted(set(nodes)):
             self.keeper(node_ids[nodes.index(node)], node, warm)
-        workers = self.standby.fill(workers, pg, node_ids, bundles)
+        workers = self.standby.fill(self._alive(workers), pg, node_ids, bundles)
         self.placed = (pg, list(node_ids))
         master_ip = ray.get(workers[0].where.remote(), timeout=120)[1]
         port = ray.get(workers[0].free_port.remote(), timeout=60)
