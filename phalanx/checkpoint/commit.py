@@ -30,9 +30,12 @@ class SnapshotCommit:
         self.group, self.index, self.rank, self.epoch, self.event = group, index, rank, epoch, event
         self.committed: Optional[int] = None
         self.last_error: Optional[str] = None
+        self.published: tuple[Optional[int], int] = (None, 0)  # the last step published, and how many times
 
     def publish(self, step: int, slot: int, measured: Measurement) -> bool:
         """Mark the block of `step` in `slot` complete and send its parity; False (and `last_error`) if not."""
+        last, times = self.published
+        self.published = (step, times + 1 if last == step else 1)
         try:
             self.slots.call("complete", rank=self.rank, slot=slot, step=step)
             if self.group is not None:
@@ -45,10 +48,14 @@ class SnapshotCommit:
     def _send_parity(self, step: int, block: torch.Tensor, measured: Measurement) -> None:
         group = self.group
         length = max(measured.block_lengths[r] for r in group.members)
+        # a step published again (its snapshot retaken after it did not commit, by every rank alike) is a new
+        # computation: its parity starts over instead of adding this rank's contribution twice
+        times = self.published[1]
+        epoch = self.epoch if times == 1 else f"{self.epoch}.{times}"
         for j, contribution in enumerate(self.codec.parity_contributions(self.index, block)):
             self.peers.call(group.parity_nodes[j], "parity_add", payload=memoryview(contribution.numpy()),
                             gid=group.gid, j=j, step=step, index=self.index, members=list(group.members),
-                            length=length, k=self.codec.k, fp=measured.fingerprint, epoch=self.epoch)
+                            length=length, k=self.codec.k, fp=measured.fingerprint, epoch=epoch)
 
     def agree(self, step: int, ok: bool, busy: bool) -> tuple[bool, bool]:
         """(every rank published `step`: it is committed, some rank's keeper is still persisting) after one

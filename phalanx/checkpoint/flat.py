@@ -172,13 +172,17 @@ class FlatLayout:
         for view, tensor in zip(self.views(block), self.tensors(state)):
             view.copy_(tensor.detach())
 
-    def unpack(self, block: torch.Tensor, template: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """The nested state from a block; tensors are copies. `template` (a freshly built trainer's
-        state) supplies the objects JSON could not hold and the DTensor placement of sharded leaves."""
+    def skeleton_json(self, block: torch.Tensor) -> bytes:
+        """The JSON skeleton at the start of a block."""
         length = int.from_bytes(bytes(block[:HEADER].tolist()), "little")
         if length > self.skeleton_capacity:
             raise PhalanxError("a snapshot block's header is corrupt (skeleton length beyond its capacity)")
-        skeleton = json.loads(bytes(block[HEADER: HEADER + length].numpy()).decode())
+        return bytes(block[HEADER: HEADER + length].numpy())
+
+    def unpack(self, block: torch.Tensor, template: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The nested state from a block; tensors are copies. `template` (a freshly built trainer's
+        state) supplies the objects JSON could not hold and the DTensor placement of sharded leaves."""
+        skeleton = json.loads(self.skeleton_json(block).decode())
         template_flat = flatten_state_dict(template)[0] if template is not None else {}
         flat: dict[str, Any] = {}
         for fqn, encoded in skeleton["values"].items():

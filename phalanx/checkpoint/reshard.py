@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from phalanx.checkpoint.flat import HEADER, FlatLayout, read_skeleton_values, to_dtype
+from phalanx.checkpoint.flat import FlatLayout, read_skeleton_values, to_dtype
 from phalanx.errors import PhalanxError
 
 Source = tuple[int, int]  # (old rank, index of the leaf in its layout)
@@ -111,14 +111,6 @@ def _narrow(tensor: torch.Tensor, offsets: torch.Size, lengths: torch.Size) -> t
     return tensor
 
 
-def skeleton_bytes(block: torch.Tensor, layout: FlatLayout) -> bytes:
-    """The JSON skeleton at the start of a block."""
-    length = int.from_bytes(bytes(block[:HEADER].tolist()), "little")
-    if length > layout.skeleton_capacity:
-        raise PhalanxError("a snapshot block's header is corrupt (skeleton length beyond its capacity)")
-    return bytes(block[HEADER: HEADER + length].numpy())
-
-
 def coverage_problem(template: dict[str, Any], metadata: Metadata, rank_local_keys: tuple[str, ...]) -> Optional[str]:
     """Why the blocks cannot fill `template` (a tensor of it they do not hold whole: its ranks were lost), or
     None. Chunks of one layout are disjoint or equal, so distinct chunks covering a tensor add up to its size."""
@@ -148,7 +140,7 @@ def reshard(template: dict[str, Any], layouts: dict[int, FlatLayout], fetch: Cal
     reader = BlockReader(metadata, sources, layouts, fetch)
     state_dict_loader.load(tensors, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
     first = min(layouts, key=lambda r: (r not in reader.blocks, r))  # a block already fetched, if any
-    values, _ = read_skeleton_values(skeleton_bytes(reader.block(first), layouts[first]), template)
+    values, _ = read_skeleton_values(layouts[first].skeleton_json(reader.block(first)), template)
     for fqn, value in flat.items():
         if fqn in local or isinstance(value, torch.Tensor):
             continue

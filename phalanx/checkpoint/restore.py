@@ -41,9 +41,10 @@ class Restorer:
                 ) -> tuple[Optional[dict[str, Any]], Optional[int], dict[str, Any]]:
         """(state, step, info): the newest usable state, from memory if any, else storage. `measured`: the
         layout this launch's blocks have (None: not measured, so no keeper block is usable)."""
-        everyone = self.collectives.all_gather(self._inventory(measured))
-        others = other_layouts_in_memory(self.collectives.all_gather(self._raw_inventory()),
-                                         measured.fingerprint if measured else None)
+        inventories = self.collectives.all_gather(
+            self.slots.call("inventory") if self.slots.keeper is not None else None)  # every rank's keeper's
+        everyone = [_usable(inventory, node, measured) for inventory, node in zip(inventories, self.nodes)]
+        others = other_layouts_in_memory(inventories, measured.fingerprint if measured else None)
         stored = self.collectives.broadcast(self.store.newest_valid(self._skipped) if self.is_main else None)
         refused: list[int] = []
         while True:
@@ -80,9 +81,6 @@ class Restorer:
         manifest = self.store.manifest(step) or {}
         saved = manifest.get("layout") or f"{manifest.get('world_size', '?')} ranks (layout not recorded)"
         return {} if saved == self.layout else {"resharded_from": saved}
-
-    def _raw_inventory(self) -> Optional[dict[str, Any]]:
-        return self.slots.call("inventory") if self.slots.keeper is not None else None
 
     def _reshard_memory(self, other: "OtherLayout", template_fn: StateFn, stored: Optional[int]
                         ) -> Optional[tuple[dict[str, Any], int, dict[str, Any]]]:
@@ -138,16 +136,6 @@ class Restorer:
         warnings.warn(f"checkpoint step-{step} skipped: {problem}", stacklevel=2)
         self.event("checkpoint_skipped", step=step, problem=problem)
 
-    def _inventory(self, measured: Optional[Measurement]) -> dict[str, Any]:
-        """What this rank's keeper holds of blocks with this launch's fingerprint."""
-        if self.slots.keeper is None or measured is None:
-            return {"node": self.node, "data": {}, "parity": []}
-        inventory = self.slots.call("inventory")
-        data = {int(r): {step: slot for step, slot in held["steps"]} for r, held in inventory["data"].items()
-                if held["fp"] == measured.fingerprint}
-        parity = [entry for entry in inventory["parity"] if entry["fp"] == measured.fingerprint]
-        return {"node": self.node, "data": data, "parity": parity}
-
     def _fetch(self, plan: RestorePlan, everyone: list[dict], measured: Measurement) -> torch.Tensor:
         """This rank's block of the plan's step: a copy of its own slot, a peer's copy, or an erasure decode."""
         rank, step = self.rank, plan.step
@@ -184,6 +172,16 @@ class Restorer:
             blocks[k + entry["j"]] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         data = self.codec.decode(dict(sorted(blocks.items())[:k]) if len(blocks) > k else blocks)
         return data[members.index(rank)][: measured.layout.nbytes].clone()
+
+
+def _usable(inventory: Optional[dict[str, Any]], node: int, measured: Optional[Measurement]) -> dict[str, Any]:
+    """What a keeper's inventory holds of blocks with this launch's fingerprint (`plan_restore`'s input)."""
+    if inventory is None or measured is None:
+        return {"node": node, "data": {}, "parity": []}
+    data = {int(r): {step: slot for step, slot in held["steps"]} for r, held in inventory["data"].items()
+            if held["fp"] == measured.fingerprint}
+    parity = [entry for entry in inventory["parity"] if entry["fp"] == measured.fingerprint]
+    return {"node": node, "data": data, "parity": parity}
 
 
 @dataclass(frozen=True)

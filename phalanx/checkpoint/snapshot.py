@@ -220,8 +220,6 @@ class SnapshotEngine:
         """Snapshot `step` if needed, persist it from its keeper slot and wait until it is written; returns
         the checkpoint path on rank 0. Collective."""
         if self.finish() != step:
-            # a step whose snapshot did not commit is taken again as a new computation: its parity starts over
-            self.commit.epoch = f"{self.epoch}.{step}"
             self.snapshot(step)
             if self.finish() != step:
                 raise PhalanxError(f"the snapshot of step {step} did not commit ({self.commit.last_error}); "

@@ -71,6 +71,8 @@ class Controller:
     keeps the survivors and starts again, at most fault.max_restarts times."""
 
     def __init__(self, cfg: Any, config_path: str, overrides: list[str], workers: int, run_dir: str):
+        from phalanx.parallel.layout import Layout
+
         self.cfg, self.fault, self.workers, self.run_dir = cfg, cfg.fault, workers, run_dir
         self.attempts = AttemptLauncher(cfg, config_path, overrides, workers, run_dir)
         self.keepers = self.attempts.keepers  # node index -> KeeperActor
@@ -80,6 +82,7 @@ class Controller:
         self.lost_nodes: set[int] = set()  # nodes whose keeper and workers an injected node loss killed
         self.reached = 0  # the newest step any worker reported (steps after the restored one are lost)
         self.target = workers  # --workers: an elastic run that shrank grows back to it
+        self.own_layout = self.layout = Layout.from_config(cfg, workers).name()  # the run's, and the current one
         self.resizing: Optional[dict[str, Any]] = None  # the resize the current attempt makes, until recorded
 
     # ---- one attempt -------------------------------------------------------------------------
@@ -210,9 +213,8 @@ class Controller:
         from phalanx.launch.actors import alive_nodes
         from phalanx.launch.elastic import elastic_layout, no_layout_message
 
-        start, before = time.time(), self.attempts.workers
+        start, before, overrides = time.time(), self.attempts.workers, self.attempts.layout_overrides
         device = "H100" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
-        from_layout = self._layout_name()
         for world in range(before - 1, self.fault.min_workers - 1, -1):
             layout = elastic_layout(self.cfg, world, len(alive_nodes()), device)
             if layout is None:
@@ -222,28 +224,22 @@ class Controller:
                 placed = self.attempts.place(previous, timeout_s=5.0)
             except NoRoom:
                 continue
-            self.resizing = {"cause": failure.cause, "from_layout": from_layout, "to_layout": layout.name(),
+            self.resizing = {"cause": failure.cause, "from_layout": self.layout, "to_layout": layout.name(),
                              "from_workers": before, "to_workers": world, "replan_s": time.time() - start}
+            self.layout = layout.name()
             print(f"phalanx ray: elastic: no room for {before} workers; going on with {world} as {layout.name()}",
                   flush=True)
             return placed
-        self.attempts.resize(before, self.attempts.layout_overrides)
+        self.attempts.resize(before, overrides)
         raise PhalanxError(f"{no_layout_message(self.cfg, self.fault.min_workers, before - 1)}; "
                            f"{newest_checkpoint(self.cfg, self.run_dir)}")
 
     def _grow(self, failure: Failure) -> None:
         """Back to --workers on the run's own layout (the placement waits fault.wait_for_nodes_s for room)."""
-        self.resizing = {"cause": failure.cause, "from_layout": self._layout_name(), "to_workers": self.target,
-                         "from_workers": self.attempts.workers, "replan_s": 0.0}
+        self.resizing = {"cause": failure.cause, "from_layout": self.layout, "to_layout": self.own_layout,
+                         "from_workers": self.attempts.workers, "to_workers": self.target, "replan_s": 0.0}
         self.attempts.resize(self.target, [])
-        self.resizing["to_layout"] = self._layout_name()
-
-    def _layout_name(self) -> str:
-        from phalanx.config import load_config
-        from phalanx.parallel.layout import Layout
-
-        cfg = load_config(self.attempts.config_path, [*self.attempts.overrides, *self.attempts.layout_overrides])
-        return Layout.from_config(cfg, self.attempts.workers).name()
+        self.layout = self.own_layout
 
     def _reports(self, nodes: list[int], last_seen: dict[int, float], beats: dict[int, dict[str, Any]],
                  **facts: Any) -> Reports:
