@@ -25,10 +25,12 @@ $(STAMP): pyproject.toml
 # Two pytest workers (pytest-xdist): most of a test's time is process start and waiting on other processes, so
 # two run side by side on two cores in far less time than one. The tests that time failures (marked serial: Ray
 # clusters, a SIGKILL at a drawn step) run after them, alone: beside a second worker a hang was named 34 s late.
-# Tests that share reference runs (tests/parallel/test_loss_curves.shared) run on one worker: each trains them once.
+# Tests that share reference runs (tests/parallel/test_loss_curves.shared) run on one worker: each trains them once,
+# and the serial session finds the runs the first one trained (tests/conftest.reference_run).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not serial" --durations=10 tests
-	$(PY) -m pytest -q -ra -m serial --durations=5 tests
+	refs=$$(mktemp -d) && export PHALANX_TEST_REFERENCES=$$refs && \
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not serial" --durations=10 tests && \
+	$(PY) -m pytest -q -ra -m serial --durations=5 tests; status=$$?; rm -rf $$refs; exit $$status
 
 demo: $(STAMP)
 	$(VENV)/bin/phalanx train configs/tiny.yaml

@@ -63,18 +63,35 @@ def _no_keeper_outlives_the_tests(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """`reference_run(config, world, *overrides)`: the run folder of a failure-free run of `config` with the
-    tests' tiny model (`run_overrides`) on `world` pooled local ranks, trained once per session and shared by
-    every test that asks for the same run. Treat it as read-only."""
+    tests' tiny model (`run_overrides`) on `world` pooled local ranks, trained once and shared by every test that
+    asks for the same run. Treat it as read-only.
+
+    Once per session, or once per `make test` when PHALANX_TEST_REFERENCES names a folder: its pytest sessions
+    (the parallel one, then the serial one) find each other's runs there, by a digest of the request. A run stays
+    in the pytest folder of the session that trained it (whose end stops its keepers; its files stay)."""
+    import hashlib
+    from pathlib import Path
+
     from tests.helpers import run_overrides, train_local
 
     cache: dict = {}
+    shared = os.environ.get("PHALANX_TEST_REFERENCES")
 
     def run(config, world: int, *overrides: str):
         key = (str(config), world, overrides)
-        if key not in cache:
-            root = tmp_path_factory.mktemp("reference")
-            train_local(config, run_overrides(root, *overrides), world)
-            cache[key] = root / "t"
+        if key in cache:
+            return cache[key]
+        index = Path(shared) / hashlib.sha256(repr(key).encode()).hexdigest()[:20] if shared else None
+        if index is not None and index.exists() and (Path(index.read_text()) / "checkpoints").is_dir():
+            cache[key] = Path(index.read_text())
+            return cache[key]
+        root = tmp_path_factory.mktemp("reference")
+        train_local(config, run_overrides(root, *overrides), world)
+        cache[key] = root / "t"
+        if index is not None:  # written whole, then renamed: another session never reads half a path
+            part = index.with_name(f"{index.name}.{os.getpid()}")
+            part.write_text(str(cache[key]))
+            os.replace(part, index)
         return cache[key]
 
     return run

@@ -23,15 +23,16 @@ from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_che
 from tests.parallel.test_loss_curves import COMMON as CURVE, STEPS as CURVE_STEPS, shared
 
 
-def copy_back_to_the_oldest_checkpoint(run_dir: Path, copy: Path) -> int:
-    """A copy of a finished run folder without its checkpoints after the oldest kept one, whose step is returned.
-    Keepers belong to a run folder's path: the copy has none, and resumes from storage."""
+def copy_back(run_dir: Path, copy: Path, step: int) -> int:
+    """A copy of a finished run folder without its checkpoints after the newest kept one at or before `step`,
+    whose step is returned. Keepers belong to a run folder's path: the copy has none, and resumes from storage."""
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt-export"))
-    oldest, *newer = CheckpointStore(str(copy / "checkpoints")).committed_steps()
-    assert newer, f"{run_dir} kept one checkpoint: nothing to resume to"
-    for step in newer:
-        shutil.rmtree(final_checkpoint(copy, step))
-    return oldest
+    kept = CheckpointStore(str(copy / "checkpoints")).committed_steps()
+    back = max((s for s in kept if s <= step), default=None)
+    assert back is not None and back < kept[-1], f"{run_dir} kept {kept}: nothing at or before {step} to resume from"
+    for newer in (s for s in kept if s > back):
+        shutil.rmtree(final_checkpoint(copy, newer))
+    return back
 
 
 def test_a_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path):
@@ -115,15 +116,15 @@ def test_sigkill_during_persistence_never_leaves_a_valid_looking_torn_checkpoint
 @shared("zero2")
 def test_a_zero2_run_resumes_from_storage_bit_for_bit(reference_run, tmp_path):
     """A ZeRO-2 run (DeepSpeed's state, restored from storage: its snapshots are taken at persist steps only)
-    resumes from its oldest kept checkpoint and ends as the uninterrupted run did. The run under test is a copy
-    of the test_loss_curves zero2 run back at its oldest checkpoint."""
+    resumes from a kept checkpoint and ends as the uninterrupted run did. The run under test is a copy of the
+    test_loss_curves zero2 run back at its checkpoint of step 12 (or the newest before it)."""
     config = REPO / "configs" / "tiny_zero.yaml"
     ref = reference_run(config, 2, *CURVE)
     run_dir = tmp_path / "run" / "t"
-    oldest = copy_back_to_the_oldest_checkpoint(ref, run_dir)
+    resumed = copy_back(ref, run_dir, CURVE_STEPS - 4)
     train_local(config, run_overrides(tmp_path / "run", *CURVE), 2)
     restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
-    assert restore["restored_from"] == "storage" and restore["step"] == oldest, restore
+    assert restore["restored_from"] == "storage" and restore["step"] == resumed, restore
     assert_bitwise_equal(load_checkpoint(final_checkpoint(ref, CURVE_STEPS), rank_local=False),
                          load_checkpoint(final_checkpoint(run_dir, CURVE_STEPS), rank_local=False))
     assert losses(run_dir) == losses(ref)

@@ -23,7 +23,7 @@ from phalanx.checkpoint.keeper import discovery_file
 from phalanx.checkpoint.link import default_keeper_dir, run_identity
 from tests.helpers import (REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint,
                            loopback_env, losses, phalanx_cmd, run_overrides, run_phalanx, wait_for_step)
-from tests.parallel.test_loss_curves import COMMON as PP_RUN, STEPS as PP_STEPS
+from tests.parallel.test_loss_curves import COMMON as PP_RUN, STEPS as PP_STEPS, shared
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def wait_for_snapshots(run_dir: Path, world: int, launcher: subprocess.Popen) ->
         time.sleep(0.05)
 
 
-@pytest.mark.serial  # the kill must land while the run trains: under a second worker's load it landed after its end
+@shared("pp2xdp2")
 def test_a_killed_launch_that_lost_a_node_is_rebuilt_from_parity_and_resumes_bit_for_bit(reference_run, tmp_path):
     """pp2 x dp2 on 4 ranks on 4 simulated nodes, k=2, m=1: groups {0,1} (parity on node 2) and {2,3} (parity
     on node 0). torchrun and every rank are SIGKILLed, and node 1 loses its keeper as well."""
@@ -85,19 +85,20 @@ def test_a_killed_launch_that_lost_a_node_is_rebuilt_from_parity_and_resumes_bit
     # test_loss_curves.py's pp2xdp2 curve: erasure coding changes what the keepers hold, not what is trained
     ref = reference_run(config, 4, *PP_RUN)
     args = ["train", config, *run_overrides(tmp_path, *PP_RUN, *nodes)]
-    launcher = subprocess.Popen(phalanx_cmd(args, nproc=4), cwd=REPO, env=loopback_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # A kill is made only where a restore can be checked: after two snapshots are in every keeper (a kill at
-    # step 2 could land before the first snapshot completed, and the relaunch would rightly start fresh).
+    # step 2 could land before the first snapshot completed, and the relaunch would rightly start fresh), and
+    # before the run ends (rank 0 blocks after the next step: however slow the kill, it finds the run there).
     kill_at = random.Random().randint(3, PP_STEPS - 6)
     print(f"every process killed and node 1 lost after step {kill_at}")
+    launcher = subprocess.Popen(phalanx_cmd([*args, f"fault.inject=[hang:rank=0:step={kill_at + 1}]"], nproc=4),
+                                cwd=REPO, env=loopback_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(tmp_path / "t", kill_at, launcher)
         restorable = wait_for_snapshots(tmp_path / "t", 4, launcher)  # snapshots lag the logged steps
         lost_keeper = keeper_pid(tmp_path / "t", 1)
     finally:
         kill_tree(launcher)  # torchrun and every rank at once
-    assert launcher.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert launcher.returncode == -signal.SIGKILL, "the run ended before it was killed"
     sigkill(lost_keeper)
     relaunch = run_phalanx(args, nproc=4)
     assert relaunch.returncode == 0, relaunch.stderr

@@ -3,7 +3,7 @@ at A did — every loss after the change within 1e-5 relative (fp32), the final 
 global samples step by step — and says it resharded (a `reshard` event: from, to, tier).
 
 Each run at A is a shared reference run of tests/parallel/test_loss_curves.py (16 steps, persisted every 2).
-The matrix resumes a copy of it back at its oldest kept checkpoint (what a run that died after that step left
+The matrix resumes a copy of it back at its checkpoint of step 8 (what a run that died after that step left
 in storage; a copy has no keepers, so it reads storage) at B. The last test kills a run at A and relaunches it
 in its own folder at B, on the node it did not lose: its keeper's memory of layout A is resharded."""
 
@@ -18,7 +18,7 @@ from phalanx.checkpoint.keeper import node_dir
 from phalanx.checkpoint.link import default_keeper_dir, run_identity
 from phalanx.checkpoint.persistent import CheckpointStore
 from tests.checkpoint.test_recovery import keeper_pid, sigkill
-from tests.checkpoint.test_persistent import copy_back_to_the_oldest_checkpoint
+from tests.checkpoint.test_persistent import copy_back
 from tests.helpers import (REPO, assert_params_close, events, final_checkpoint, load_checkpoint, losses, metrics,
                            run_overrides, train_local)
 from tests.parallel.test_loss_curves import COMMON, LAYOUTS, ONE_PROCESS, STEPS, shared
@@ -30,10 +30,13 @@ pytestmark = pytest.mark.slow
 # A resumed run persists only at its end (the same trajectory: persisting is not training), so its keepers never
 # load torch for writes while it trains: seconds of CPU per run.
 AT_THE_END = ["checkpoint.persist_every=0"]
+FOUR = ["model.n_layers=4"]  # interleaved pp2: 2 model chunks per stage, a block each
+# layouts A of the matrix that test_loss_curves does not train: (config, world, overrides)
+OWN = {"pp2-interleaved": ("tiny_pp.yaml", 2, ["parallel.dp=1", "parallel.pp_schedule=interleaved", *FOUR])}
 MATRIX = {
     "dp2-to-dp1": ("ddp2", ONE_PROCESS, 1),
     "dp1-to-fsdp-dp4": ("one:ddp2", ["parallel.dp=4", "parallel.dp_backend=fsdp"], 4),
-    "pp2xdp2-1f1b-to-pp2-gpipe": ("pp2xdp2", ["parallel.dp=1", "parallel.pp_schedule=gpipe"], 2),
+    "pp2-interleaved-to-pp2xdp2-1f1b": ("pp2-interleaved", ["parallel.dp=2", "parallel.pp_schedule=1f1b", *FOUR], 4),
     "fsdp-dp2xsp2-to-ddp-dp2": ("fsdp2xsp2", ["parallel.sp=1", "parallel.dp=2", "parallel.dp_backend=ddp"], 2),
     "moe-ep2xdp2-to-ep1-dp2": ("moe-ep2xdp2", ["parallel.ep=1", "parallel.dp=2"], 2),
 }
@@ -41,7 +44,7 @@ MATRIX = {
 
 def reference(reference_run, name: str) -> tuple[Path, Path, int]:
     """(config, run folder, world) of layout A."""
-    config, world, extra = LAYOUTS[name.removeprefix("one:")]
+    config, world, extra = {**LAYOUTS, **OWN}[name.removeprefix("one:")]
     config = REPO / "configs" / config
     if name.startswith("one:"):
         return config, reference_run(config, 1, *COMMON, *extra, *ONE_PROCESS), 1
@@ -50,11 +53,12 @@ def reference(reference_run, name: str) -> tuple[Path, Path, int]:
 
 def resume_at(config: Path, ref: Path, root: Path, layout_b: list[str], world: int,
               persist: list[str] = AT_THE_END) -> tuple[Path, int]:
-    """A copy of `ref` back at its oldest kept checkpoint, relaunched at layout B; (run folder, resumed step)."""
+    """A copy of `ref` back at its checkpoint of step 8 (or the newest before it), relaunched at layout B;
+    (run folder, resumed step)."""
     run_dir = root / "t"
-    oldest = copy_back_to_the_oldest_checkpoint(ref, run_dir)
+    resumed = copy_back(ref, run_dir, STEPS // 2)
     train_local(config, run_overrides(root, *COMMON, *persist, *layout_b), world)
-    return run_dir, oldest
+    return run_dir, resumed
 
 
 def assert_same_trajectory(run_dir: Path, ref: Path, resumed: int, tier: str = "storage") -> None:
@@ -109,23 +113,23 @@ def assert_plain_dcp_loads(config: Path, checkpoint: Path, root: Path) -> None:
 @shared("zero2")
 def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_run, tmp_path):
     """DeepSpeed's partitions leave no trace in what ZeRO saves: a zero2 dp2 run resumed from storage as zero3 dp4
-    trains on as the zero2 run did; SIGKILLed after step 7, it is relaunched as FSDP dp2 in its folder, from the
+    trains on as the zero2 run did; SIGKILLed after step 11, it is relaunched as FSDP dp2 in its folder, from the
     keepers' memory of its ZeRO-3 ranks (ZeRO snapshots at its persist steps), and still ends as the zero2 run."""
     config, ref, _ = reference(reference_run, "zero2")
-    root, kill = tmp_path / "run", "fault.inject=[kill:rank=3:step=7]"
+    root, kill = tmp_path / "run", "fault.inject=[kill:rank=3:step=11]"
     run_dir = root / "t"
-    resumed = copy_back_to_the_oldest_checkpoint(ref, run_dir)
+    resumed = copy_back(ref, run_dir, 6)
     with pytest.raises(RuntimeError, match="died"):
         train_local(config, run_overrides(root, *COMMON, kill, "parallel.zero_stage=3", "parallel.dp=4"), 4)
     zero3 = [e for e in events(run_dir) if e["event"] == "reshard"][-1]
     assert zero3["from_layout"] == "dp2 zero2 mb2" and zero3["to_layout"] == "dp4 zero3 mb2", zero3
     got, want = losses(run_dir), losses(ref)
-    for step in range(resumed + 1, 8):
+    for step in range(resumed + 1, 12):
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
     train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, "parallel.dp_backend=fsdp"), 2)
     restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
-    # ZeRO snapshots at its persist steps: the newest committed before the kill (6; 4 if 6's commit was in flight)
-    assert restore["step"] in (4, 6) and "dp4 zero3" in restore["reason"], restore
+    # ZeRO snapshots at its persist steps: the newest committed before the kill (10; 8 if 10's commit was in flight)
+    assert restore["step"] in (8, 10) and "dp4 zero3" in restore["reason"], restore
     assert_same_trajectory(run_dir, ref, restore["step"], tier="keeper (resharded)")
 
 
