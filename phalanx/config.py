@@ -157,6 +157,8 @@ class FaultConfig:
     # once Ray has room again.
     elastic: bool = False
     min_workers: int = 1
+    # the layouts it may go on as, by the names `phalanx plan` and resize events print ("dp2 ddp mb1"); [] = any
+    elastic_layouts: list[str] = field(default_factory=list)
     # Tests and demos: "kill:rank=1:step=5", "hang:rank=1:step=5" (blocks before its next collective),
     # "slow:rank=1:step=3:factor=3" (every step from then on), "node:node=1:step=5" (controller: the node's
     # keeper and workers die), "kill_restoring:rank=0:step=5" (killed while restoring step 5 or later: a failure
@@ -452,6 +454,9 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
     _positive("fault.max_restarts", cfg.fault.max_restarts, allow_zero=True)
     _positive("fault.wait_for_nodes_s", cfg.fault.wait_for_nodes_s, allow_zero=True)
     _positive("fault.min_workers", cfg.fault.min_workers)
+    if cfg.fault.elastic_layouts and not cfg.fault.elastic:
+        raise ConfigError(f"fault.elastic_layouts={list(cfg.fault.elastic_layouts)} is set but fault.elastic=false: "
+                          f"set fault.elastic=true, or drop the layouts")
     if cfg.fault.straggler_factor <= 1:
         raise ConfigError(f"fault.straggler_factor={cfg.fault.straggler_factor} must be > 1 (how many times the "
                           f"median busy time makes a straggler), e.g. 2.0")

@@ -4,7 +4,8 @@ For a world of W workers the candidates are the planner's (`planner.plan.candida
 into pp, sp, dp and ep, pipeline schedules and micro-batch sizes that keep `train.batch_size`) that `validate()`
 accepts and that keep the run's data-parallel back end (and ZeRO stage): the user chose those for memory, and
 the trajectory does not depend on them. The planner's cost model ranks them on a topology of W devices (the
-run's device kind, from presets) and the fastest that fits is taken.
+run's device kind, from presets) and the fastest predicted to fit in device memory is taken. The user can pin
+the layouts allowed (`fault.elastic_layouts`, by name).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def elastic_layout(cfg: Any, world: int, nodes: int, device: str) -> Optional[La
     keep = [lay for lay in candidate_layouts(cfg, world)
             if lay.dp_backend == (p.dp_backend if lay.dp * lay.sp > 1 else "ddp") and
             (lay.dp_backend != "zero" or lay.zero_stage == p.zero_stage) and valid(cfg, lay)]
+    pinned = set(cfg.fault.elastic_layouts)
+    keep = [lay for lay in keep if not pinned or lay.name() in pinned]
     if not keep:
         return None
     per_node = world // nodes if nodes and world % nodes == 0 else world
     topo = preset(device, nodes=world // per_node, gpus_per_node=per_node, dtype=cfg.train.dtype)
-    best = plan(cfg, topo, layouts=keep).rows[0]
-    return best.layout
+    best = plan(cfg, topo, layouts=keep).best
+    return None if best is None else best.layout
 
 
 def no_layout_message(cfg: Any, smallest: int, largest: int) -> str:
@@ -38,7 +41,10 @@ def no_layout_message(cfg: Any, smallest: int, largest: int) -> str:
     batch = cfg.train.batch_size
     step = math.lcm(*range(max(smallest, 1), largest + 1)) if largest >= smallest else 1
     nearest = max(step, round(batch / step) * step)
-    return (f"fault.elastic: no layout keeps train.batch_size={batch} and parallel.dp_backend="
-            f"{cfg.parallel.dp_backend} on {smallest} to {largest} workers (the batch must split into dp x "
-            f"micro-batch); a train.batch_size that every such worker count divides (e.g. {nearest}) or a lower "
-            f"fault.min_workers lets it shrink, as does adding nodes")
+    pinned = cfg.fault.elastic_layouts
+    among = f" among fault.elastic_layouts={list(pinned)}" if pinned else ""
+    return (f"fault.elastic: no layout{among} keeps train.batch_size={batch} and parallel.dp_backend="
+            f"{cfg.parallel.dp_backend} on {smallest} to {largest} workers and fits their memory (the batch must "
+            f"split into dp x micro-batch); a train.batch_size that every such worker count divides (e.g. "
+            f"{nearest}){', more allowed layouts' if pinned else ''} or a lower fault.min_workers lets it shrink, "
+            f"as does adding nodes")

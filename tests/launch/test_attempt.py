@@ -26,6 +26,11 @@ def test_an_elastic_run_goes_on_with_the_planners_layout_for_fewer_workers_keepi
     assert elastic_layout(zero, 2, 1, "cpu").name() == "dp2 zero2 mb1"  # the stage kept, micro-batch 1 (6 = 2 x 3)
     assert elastic_layout(zero, 4, 1, "cpu").name() == "dp2xsp2 zero2 mb1"  # 6 do not split over dp4: sp takes 2
     assert elastic_layout(zero, 5, 1, "cpu") is None  # nor over 5 ranks in any way (4 heads, 2 blocks)
+    zero.fault.elastic, zero.fault.elastic_layouts = True, ["dp2xsp2 zero2 mb1"]  # the user's pins: only those
+    assert elastic_layout(zero, 2, 1, "cpu") is None and elastic_layout(zero, 4, 1, "cpu").name() == "dp2xsp2 zero2 mb1"
+    big = load_config(str(REPO / "configs" / "tiny.yaml"), ["model.d_model=8192", "model.n_layers=80",
+                                                             "model.n_heads=64", "model.n_kv_heads=8"])
+    assert elastic_layout(big, 2, 1, "H100") is None  # 70B with AdamW on 2 x 80 GB: the planner says no fit
 
 
 def test_elastic_bad_input_is_one_line_naming_the_fix(tmp_path):
@@ -40,5 +45,7 @@ def test_elastic_bad_input_is_one_line_naming_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"fault.min_workers=3 > --workers=2.*lower fault.min_workers"):
         main(CONFIG, run_overrides(tmp_path, "fault.elastic=true", "fault.min_workers=3"), 2, None)
     assert not (tmp_path / "t").exists()  # refused before any run folder or Ray
+    with pytest.raises(ConfigError, match=r"fault.elastic_layouts=\['dp2 ddp mb1'\] is set but fault.elastic=false"):
+        main(CONFIG, run_overrides(tmp_path, "fault.elastic_layouts=[dp2 ddp mb1]"), 2, None)
     message = no_layout_message(load_config(CONFIG, [*TINY, "train.batch_size=7"]), 2, 3)
     assert "train.batch_size=7" in message and "fault.min_workers" in message and "(e.g. 6)" in message, message
