@@ -348,7 +348,11 @@ class Controller:
                             kill(worker)
                         workers = [None] * self.attempts.workers
                     self.node_ids, self.lost_nodes = list(node_ids), set()
-                    workers, nodes, futures = self.attempts.start(attempt, pg, node_ids, bundles, workers)
+                    try:
+                        workers, nodes, futures = self.attempts.start(attempt, pg, node_ids, bundles, workers)
+                    except ray.exceptions.RayActorError as err:  # a node Ray had not yet seen die held a bundle
+                        raise Failure("lost node", [], [], time.time(), detail=f"an actor of attempt {attempt} died "
+                                      f"as it started ({type(err).__name__}); placing again") from err
                     attempt += 1  # every start: recoveries and an elastic run's growth
                     self._watch(workers, nodes, futures, None if failure is None else (failure, last_step))
                     append_event(self.run_dir, "controller_done", restarts=restarts)
