@@ -148,8 +148,10 @@ def run_phalanx(args: argparse.Namespace, root: str) -> dict[str, Any]:
 
 def raytrain_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: phalanx's model, data and optimizer in a plain DDP loop with Ray Train's
-    checkpointing. Writes its timing events to `config["events"]`; kills itself once, like phalanx's
-    fault injection, right after the checkpoint of the kill step is reported."""
+    checkpointing. Writes its timing events to `config["events"]` (every step's too with "log_steps", and ends
+    two steps after a restore with "stop_after_recovery"); kills
+    itself once, like phalanx's fault injection, right after the checkpoint of the kill step is reported (unless
+    "kill_rank" is None)."""
     import contextlib
     import signal as signal_
     import tempfile as tempfile_
@@ -167,7 +169,7 @@ def raytrain_loop(config: dict[str, Any]) -> None:
     log = config["events"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    append(log, "fn_start", rank=rank)
+    append(log, "fn_start", rank=rank, world=world, node=ray.get_runtime_context().get_node_id())
     cfg = load_config(config["config"], config["overrides"])
     torch.manual_seed(cfg.run.seed)
     model = materialize(build_on_meta(cfg.model), torch.device("cpu"), cfg.run.seed)
@@ -213,6 +215,10 @@ def raytrain_loop(config: dict[str, Any]) -> None:
             ray.train.report({"step": step, "loss": float(loss)})
         if step == first and rank == 0:
             append(log, "first_step", step=step)
+        if config.get("log_steps") and rank == 0:
+            append(log, "step", step=step, world=world)
+        if config.get("stop_after_recovery") and checkpoint is not None and step > first:
+            break  # two steps after the recovery: what is timed is over
         if rank == config["kill_rank"] and step == config["kill_step"] and not any(
                 e["event"] == "fault_injected" for e in read_events(log)):
             append(log, "fault_injected", rank=rank, step=step)
