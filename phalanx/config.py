@@ -97,6 +97,8 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per forward; the rest is gradient accumulation
     dtype: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer stay fp32)
     compile: bool = False
+    # none | full (every block's forward recomputed in backward) | selective (every other block)
+    activation_checkpointing: str = "none"
     eval_every: int = 0  # 0: no periodic eval
     eval_batches: int = 4
 
@@ -413,6 +415,7 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.eval_batches", t.eval_batches)
     _one_of("train.dtype", t.dtype, ("fp32", "bf16"))
+    _one_of("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
 
     for key in ("sp", "ep", "pp"):
         _positive(f"parallel.{key}", getattr(p, key))

@@ -91,14 +91,43 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
+        self.index = index
+        self.recompute = False  # activation checkpointing (set_activation_checkpointing)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg) if is_moe_block(cfg, index) else SwiGLU(cfg.d_model, ffn_dim(cfg))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            # keeps only the block's input; backward runs the forward again (its collectives too, on every rank
+            # alike). Inside the block's own call: FSDP's and DeepSpeed's hooks around it stay where they were.
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
+
+
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+def set_activation_checkpointing(model: nn.Module, mode: str) -> int:
+    """Which blocks recompute their forward in backward (`train.activation_checkpointing`): none; full, every
+    block; selective, every other block (1, 3, 5, ...: torchtitan's selective per-layer checkpointing at
+    frequency 2, about half the activation memory saved for about half the recompute). Parameter names and
+    state are unchanged (no wrapper module), so checkpoints move freely between modes. Returns the blocks set."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation checkpointing {mode!r}: one of {ACTIVATION_CHECKPOINTING}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.recompute = mode == "full" or (mode == "selective" and module.index % 2 == 1)
+            count += module.recompute
+    return count
 
 
 class GPT(nn.Module):

@@ -55,7 +55,7 @@ class Layout:
     pp_virtual_stages: int = 2
     microbatches: Any = "auto"  # pipeline micro-batches per schedule run
     micro_batch_size: int = 1  # sequences per rank per forward
-    activation_checkpointing: bool = False  # modelled only: recompute each block's forward in backward
+    activation_checkpointing: bool = False  # train.activation_checkpointing=full: every block recomputed in backward
     order: tuple[str, ...] = MESH_ORDER  # rank order, outermost first: a permutation of MESH_ORDER
     world_size: InitVar[Optional[int]] = None  # the processes launched, which the degrees must fill
 
@@ -87,13 +87,16 @@ class Layout:
         values = {key: getattr(p, key) for key in _PARALLEL_KEYS}
         values["dp"] = resolve_dp(cfg, world_size) if world_size is not None else int(p.dp)
         order = order or parse_order(p.order) or MESH_ORDER
-        return cls(**values, micro_batch_size=cfg.train.micro_batch_size, order=order, world_size=world_size)
+        return cls(**values, micro_batch_size=cfg.train.micro_batch_size, order=order, world_size=world_size,
+                   activation_checkpointing=cfg.train.activation_checkpointing == "full")
 
     def config_values(self) -> dict[str, Any]:
         """{"section.key": value} of every config key that selects this layout."""
         values = {f"parallel.{key}": getattr(self, key) for key in _PARALLEL_KEYS}
         values["parallel.order"] = ",".join(self.order)
         values["train.micro_batch_size"] = self.micro_batch_size
+        if self.activation_checkpointing:  # (without, the config's own choice stays: selective is not modelled)
+            values["train.activation_checkpointing"] = "full"
         return values
 
     def to_overrides(self) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from phalanx.models import materialize
+from phalanx.models.gpt import set_activation_checkpointing
 from phalanx.parallel import registry
 from phalanx.parallel.expert import moe_layers
 from phalanx.parallel.layout import Layout
@@ -42,6 +43,7 @@ class Parallelized:
 def parallelize(model: nn.Module, *, layout: Layout, mesh: Any, cfg: Any, device: torch.device,
                 seed: int) -> Parallelized:
     """Apply `layout`'s strategies to `model` (on meta) over `mesh` and materialise it on `device`."""
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     sequence = expert = None
     if layout.sp > 1:
         sequence = registry.get("sequence", cfg.parallel.sp_backend, "parallel.sp_backend")

@@ -45,10 +45,11 @@ def candidate_layouts(cfg: Any, world: int) -> Iterator[Layout]:
             for ep in eps:
                 for backend, stage in backends:
                     for schedule, virtual in schedules:
-                        for mb in micro:  # activation checkpointing is costed, not offered: the trainer has none yet
-                            yield Layout(dp=dp, sp=sp, ep=ep, pp=pp, dp_backend=backend, zero_stage=stage,
-                                         pp_schedule=schedule, pp_virtual_stages=virtual, microbatches="auto",
-                                         micro_batch_size=mb)
+                        for mb in micro:
+                            for ac in (False, True):  # train.activation_checkpointing none or full
+                                yield Layout(dp=dp, sp=sp, ep=ep, pp=pp, dp_backend=backend, zero_stage=stage,
+                                             pp_schedule=schedule, pp_virtual_stages=virtual, microbatches="auto",
+                                             micro_batch_size=mb, activation_checkpointing=ac)
 
 
 def valid(cfg: Any, layout: Layout) -> bool:

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from phalanx.config import load_config
 from phalanx.launch.run import init_distributed
+from phalanx.models.gpt import set_activation_checkpointing
 from phalanx.parallel import validate
 from phalanx.parallel.dist import shutdown
 from phalanx.parallel.local_ranks import run_local
@@ -47,22 +48,36 @@ def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
-def one_step(overrides: list[str], world: int, run_dir: str) -> dict:
+def all_grads(trainer: Trainer, ctx: Any) -> dict[str, torch.Tensor]:
+    grads = full_grads(trainer.model)
+    if trainer.pipeline is not None:  # each stage holds its own parameters: collect them all
+        every = [None] * ctx.world_size
+        torch.distributed.all_gather_object(every, grads)
+        grads = {name: grad for stage_grads in every for name, grad in stage_grads.items()}
+    return grads
+
+
+def one_step(overrides: list[str], world: int, run_dir: str, recompute: bool = False) -> dict:
+    """Rank 0's loss and gradients of one step; with `recompute`, also those of the same step taken again with
+    every block's forward recomputed in backward (train.activation_checkpointing=full), under "recomputed"."""
     cfg = validate(load_config(CONFIG, [*TINY, *overrides, f"run.dir={run_dir}"]), world)
     ctx = init_distributed(cfg)
     try:
         trainer = Trainer(cfg, ctx, run_dir)
-        loss = trainer.forward_backward(trainer.data.next_step())
+        batch = trainer.data.next_step()
+        loss = trainer.forward_backward(batch)
         sent = comm.STATS.take()  # what this rank's forward and backward sent
-        grads = full_grads(trainer.model)
-        if trainer.pipeline is not None:  # each stage holds its own parameters: collect them all
-            every = [None] * ctx.world_size
-            torch.distributed.all_gather_object(every, grads)
-            grads = {name: grad for stage_grads in every for name, grad in stage_grads.items()}
-        result = {"loss": trainer._dp_mean(loss), "grads": grads, "rank": ctx.rank, "comm": sent}
+        result = {"loss": trainer._dp_mean(loss), "grads": all_grads(trainer, ctx), "rank": ctx.rank, "comm": sent}
         if trainer.moe_layers:
             group = ctx.mesh["dp_sp"].get_group() if ctx.distributed else None
             result["moe"] = moe_metrics(trainer.moe_layers, group, trainer.data.accumulation)
+        if recompute:
+            deepspeed = hasattr(trainer.model, "optimizer") and hasattr(trainer.model, "module")
+            # DeepSpeed's partitioned gradients are its optimizer's (ZeRO-3 accumulates into them until it resets)
+            (trainer.model.optimizer if deepspeed else trainer.model).zero_grad(set_to_none=True)
+            assert set_activation_checkpointing(trainer.model, "full") > 0
+            loss = trainer.forward_backward(batch)
+            result["recomputed"] = {"loss": trainer._dp_mean(loss), "grads": all_grads(trainer, ctx)}
         if ctx.distributed:
             torch.distributed.barrier()  # no rank tears down while another still talks to it
         del trainer
@@ -78,8 +93,10 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any) -> Any:
 
 
 def spawn_one_step(overrides: list[str], world: int) -> dict:
+    """One step on `world` ranks, and the same step with activation checkpointing (both checked by
+    assert_same_step against one process without it)."""
     with tempfile.TemporaryDirectory() as tmp:
-        return spawn(one_step, world, overrides, world, tmp)
+        return spawn(one_step, world, overrides, world, tmp, True)
 
 
 def reference_one_step(overrides: list[str]) -> dict:
@@ -97,6 +114,8 @@ def fresh_seed() -> list[str]:
 
 
 def assert_same_step(got: dict, ref: dict, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    if "recomputed" in got:  # activation checkpointing changes no gradient, on any layout
+        assert_same_step(got["recomputed"], ref, rtol, atol)
     assert got["loss"] == __import__("pytest").approx(ref["loss"], rel=rtol)
     assert got["grads"].keys() == ref["grads"].keys()
     for name, grad in ref["grads"].items():

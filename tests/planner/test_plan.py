@@ -116,6 +116,9 @@ def test_plan_cli_prints_the_table_and_writes_a_config(tmp_path, capsys) -> None
     assert stdout.split("recommended: ")[1].startswith(Layout.from_config(cfg).name())
     code, _, stderr = phalanx_plan(capsys, "--nodes", "2", "--gpus-per-node", "2", "--write", str(out))
     assert code == 2 and "--force" in stderr  # nothing written over silently
+    # a layout with activation checkpointing selects it in the config it writes (the trainer runs it)
+    ac = Layout.from_config(cfg).with_(activation_checkpointing=True)
+    assert ac.apply(cfg).train.activation_checkpointing == "full" and Layout.from_config(ac.apply(cfg)) == ac
 
 
 @pytest.mark.parametrize("args,words", [

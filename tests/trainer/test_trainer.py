@@ -85,6 +85,25 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         assert losses(accumulated.run_dir)[step] == pytest.approx(loss, rel=1e-5)
 
 
+def test_activation_checkpointing_recomputes_the_chosen_blocks_and_changes_no_gradient(tmp_path):
+    """full: every block; selective: every other one (1, 3). The gradients equal those without it: here in one
+    process for every mode; on every parallel layout for full (tests/parallel/harness.py takes each layout's
+    step again with it)."""
+    from phalanx.models.gpt import Block
+
+    grads = {}
+    for mode, recomputed in [("none", []), ("selective", [1, 3]), ("full", [0, 1, 2, 3])]:
+        trainer = make_trainer(tmp_path / mode, "model.n_layers=4", f"train.activation_checkpointing={mode}")
+        assert [m.index for m in trainer.model.modules() if isinstance(m, Block) and m.recompute] == recomputed
+        trainer.forward_backward(trainer.data.next_step())
+        grads[mode] = {name: p.grad for name, p in trainer.model.named_parameters()}
+    for mode in ("selective", "full"):
+        for name, grad in grads["none"].items():
+            torch.testing.assert_close(grads[mode][name], grad, rtol=1e-6, atol=0, msg=lambda m: f"{mode} {name}: {m}")
+    with pytest.raises(ConfigError, match="activation_checkpointing='partial' is not one of none, full, selective"):
+        make_trainer(tmp_path / "bad", "train.activation_checkpointing=partial")
+
+
 def test_bf16_autocast_trains(tmp_path):
     trainer = make_trainer(tmp_path, "train.steps=3", "train.dtype=bf16")
     last = trainer.fit()
