@@ -2,7 +2,7 @@
 at A did — every loss after the change within 1e-5 relative (fp32), the final parameters within 1e-4, the same
 global samples step by step — and says it resharded (a `reshard` event: from, to, tier).
 
-Each run at A is a shared reference run of tests/parallel/test_loss_curves.py (16 steps, persisted every 2).
+Each run at A is a shared reference run of tests/parallel/test_loss_curves.py (16 steps, persisted every 4).
 The matrix resumes a copy of it back at its checkpoint of step 8 (what a run that died after that step left
 in storage; a copy has no keepers, so it reads storage) at B. The last test kills a run at A and relaunches it
 in its own folder at B, on the node it did not lose: its keeper's memory of layout A is resharded."""
@@ -120,7 +120,8 @@ def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_r
     run_dir = root / "t"
     resumed = copy_back(ref, run_dir, 6)
     with pytest.raises(RuntimeError, match="died"):
-        train_local(config, run_overrides(root, *COMMON, kill, "parallel.zero_stage=3", "parallel.dp=4"), 4)
+        train_local(config, run_overrides(root, *COMMON, "checkpoint.persist_every=2", kill, "parallel.zero_stage=3",
+                                          "parallel.dp=4"), 4)
     zero3 = [e for e in events(run_dir) if e["event"] == "reshard"][-1]
     assert zero3["from_layout"] == "dp2 zero2 mb2" and zero3["to_layout"] == "dp4 zero3 mb2", zero3
     got, want = losses(run_dir), losses(ref)

@@ -14,7 +14,9 @@ from tests.helpers import REPO, losses, metrics
 pytestmark = pytest.mark.slow
 
 STEPS = 16
-COMMON = [f"train.steps={STEPS}", "checkpoint.persist_every=2", "train.batch_size=8", "train.micro_batch_size=2"]
+# persisted every 4 steps: the resume tests start from copies of these runs back at steps 4, 8 or 12 (a persist is
+# a keeper's write, and ZeRO's snapshot a gather of its partitions: every one is seconds of a loaded machine)
+COMMON = [f"train.steps={STEPS}", "checkpoint.persist_every=4", "train.batch_size=8", "train.micro_batch_size=2"]
 ONE_PROCESS = ["parallel.dp=1", "parallel.sp=1", "parallel.ep=1", "parallel.pp=1", "parallel.dp_backend=ddp"]
 
 # layout -> (config, processes, overrides). fp32 on CPU: the ranks sum the same numbers in a different
