@@ -1,7 +1,7 @@
 """Elastic runs, one invocation: (1) resharding load time: phalanx reading another layout's keeper blocks
 (`checkpoint/reshard.py`) against DCP's own load of the same state, one process; (2) node loss: the time from
 losing one of three workers' machines to the first step on the two left, phalanx's elastic `phalanx ray` against
-Ray Train's elastic training and torchft's replica-group drop (benchmarks/_node_loss.py).
+Ray Train's elastic training and torchft's replica-group drop (benchmarks/parts/node_loss.py).
 
     .venv/bin/python benchmarks/elastic.py [--d-model 512] [--layers 8] [--old-ranks 4] [--repeats 5]
                                            [--steps 60] [--loss-step 6] [overrides ...]
@@ -174,31 +174,15 @@ def anchors_missing() -> Optional[str]:
 
 def child(side: str, args: argparse.Namespace, root: str) -> dict[str, Any]:
     """One side of the node-loss half in its own process, bounded by --timeout (its process group is killed)."""
-    import signal
-    import subprocess
+    from benchmarks.recovery import run_side
 
     folder = os.path.join(root, side)
     os.makedirs(folder)
-    log_path = os.path.join(folder, "side.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--root", folder, "--config", args.config,
            "--steps", str(args.steps), "--loss-step", str(args.loss_step), "--timeout", str(args.timeout),
            *args.overrides]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=args.timeout + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            code = None
-    out = os.path.join(folder, "result.json")
-    if code != 0 or not os.path.exists(out):
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-30:])
-        raise SystemExit(f"elastic benchmark: the {side} side {'timed out' if code is None else f'exited with {code}'}"
-                         f"; last lines of {log_path}:\n{tail}")
-    with open(out) as f:
-        return json.load(f)
+    return run_side(cmd, os.path.join(folder, "result.json"), os.path.join(folder, "side.log"), args.timeout + 60,
+                    f"elastic benchmark: the {side} side")
 
 
 def node_loss(args: argparse.Namespace) -> Optional[dict[str, Any]]:
@@ -233,14 +217,14 @@ def node_loss_table(result: dict[str, Any]) -> str:
 
 
 def side_main(args: argparse.Namespace) -> int:
-    from benchmarks import _node_loss
+    from benchmarks.parts import node_loss
     from benchmarks.recovery import loopback_env
 
     loopback_env()
     overrides = [*RUN, *args.overrides, f"train.steps={args.steps}"]
     if args.side == "torchft-replica":
-        return _node_loss.torchft_replica(args, args.overrides)
-    result = getattr(_node_loss, f"run_{args.side}")(args, args.root, overrides)
+        return node_loss.torchft_replica(args, args.overrides)
+    result = getattr(node_loss, f"run_{args.side}")(args, args.root, overrides)
     with open(os.path.join(args.root, "result.json"), "w") as f:
         json.dump(result, f)
     return 0

@@ -271,14 +271,19 @@ def run_raytrain(args: argparse.Namespace, root: str) -> dict[str, Any]:
 
 def child(side: str, args: argparse.Namespace, root: str) -> dict[str, Any]:
     """One side in its own process and Ray cluster, bounded by --timeout (its process group is killed)."""
-    out = os.path.join(root, f"{side}.json")
-    log_path = os.path.join(root, f"{side}.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--root", root, "--workers", str(args.workers),
            "--steps", str(args.steps), "--kill-step", str(args.kill_step), "--config", args.config, *args.overrides]
+    return run_side(cmd, os.path.join(root, f"{side}.json"), os.path.join(root, f"{side}.log"), args.timeout,
+                    f"recovery benchmark: the {side} side")
+
+
+def run_side(cmd: list[str], out: str, log_path: str, timeout: float, what: str) -> dict[str, Any]:
+    """`cmd` in its own process group with its output in `log_path`, killed whole after `timeout` seconds; the
+    JSON it wrote to `out`. A failure ends the benchmark naming `what` and the log's last lines."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = proc.wait(timeout=args.timeout)
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
@@ -286,8 +291,8 @@ def child(side: str, args: argparse.Namespace, root: str) -> dict[str, Any]:
     if code != 0 or not os.path.exists(out):
         with open(log_path) as f:
             tail = "".join(f.readlines()[-25:])
-        why = f"timed out after --timeout {args.timeout:.0f}s" if code is None else f"exited with {code}"
-        raise SystemExit(f"recovery benchmark: the {side} side {why}; last lines of {log_path}:\n{tail}")
+        why = f"timed out after {timeout:.0f}s" if code is None else f"exited with {code}"
+        raise SystemExit(f"{what} {why}; last lines of {log_path}:\n{tail}")
     with open(out) as f:
         return json.load(f)
 

@@ -90,6 +90,10 @@ class OptimConfig:
     implementation: str = "auto"  # auto | fused | foreach | loop
 
 
+# train.activation_checkpointing: none | full (every block recomputed in backward) | selective (every other block)
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
@@ -415,7 +419,7 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     _positive("train.eval_batches", t.eval_batches)
     _one_of("train.dtype", t.dtype, ("fp32", "bf16"))
-    _one_of("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
+    _one_of("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
 
     for key in ("sp", "ep", "pp"):
         _positive(f"parallel.{key}", getattr(p, key))

@@ -82,8 +82,9 @@ def reference_run(tmp_path_factory):
         if key in cache:
             return cache[key]
         index = Path(shared) / hashlib.sha256(repr(key).encode()).hexdigest()[:20] if shared else None
-        if index is not None and index.exists() and (Path(index.read_text()) / "checkpoints").is_dir():
-            cache[key] = Path(index.read_text())
+        found = Path(index.read_text()) if index is not None and index.exists() else None
+        if found is not None and (found / "checkpoints").is_dir():
+            cache[key] = found
             return cache[key]
         root = tmp_path_factory.mktemp("reference")
         train_local(config, run_overrides(root, *overrides), world)

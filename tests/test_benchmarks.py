@@ -15,7 +15,7 @@ from tests.helpers import REPO, loopback_env
 
 pytestmark = pytest.mark.slow
 
-BENCHMARKS = sorted(p for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_"))  # _x.py: parts
+BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))  # (benchmarks/parts/: pieces of them)
 SKIPPED = 77  # a benchmark whose anchor is not installed says why on stderr and exits with this (recovery.py)
 TIMEOUT_S = 240
 # recovery.py and elastic.py with the bench extra start a Ray cluster per side and wait out a failure on each.

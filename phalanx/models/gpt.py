@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from phalanx.config import ModelConfig
+from phalanx.config import ACTIVATION_CHECKPOINTING, ModelConfig
 from phalanx.models.mlp import SwiGLU, ffn_dim
 from phalanx.models.moe import MoE, expert_ffn_dim, is_moe_block
 
@@ -102,17 +103,12 @@ class Block(nn.Module):
         if self.recompute and torch.is_grad_enabled():
             # keeps only the block's input; backward runs the forward again (its collectives too, on every rank
             # alike). Inside the block's own call: FSDP's and DeepSpeed's hooks around it stay where they were.
-            from torch.utils.checkpoint import checkpoint
-
             return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
         return self._forward(x, cos, sin)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
-
-
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 def set_activation_checkpointing(model: nn.Module, mode: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -42,14 +43,12 @@ def candidate_layouts(cfg: Any, world: int) -> Iterator[Layout]:
             backends = [("ddp", 1)] if dp * sp == 1 else [("ddp", 1), ("fsdp", 1), ("zero", 1), ("zero", 2), ("zero", 3)]
             schedules = [("1f1b", 2)] if pp == 1 else [("1f1b", 2), ("gpipe", 2), ("interleaved", 2)]
             micro = [b for b in _divisors(per_rank) if b & (b - 1) == 0] or [per_rank]
-            for ep in eps:
-                for backend, stage in backends:
-                    for schedule, virtual in schedules:
-                        for mb in micro:
-                            for ac in (False, True):  # train.activation_checkpointing none or full
-                                yield Layout(dp=dp, sp=sp, ep=ep, pp=pp, dp_backend=backend, zero_stage=stage,
-                                             pp_schedule=schedule, pp_virtual_stages=virtual, microbatches="auto",
-                                             micro_batch_size=mb, activation_checkpointing=ac)
+            # activation checkpointing: train.activation_checkpointing none or full
+            for ep, (backend, stage), (schedule, virtual), mb, ac in itertools.product(
+                    eps, backends, schedules, micro, (False, True)):
+                yield Layout(dp=dp, sp=sp, ep=ep, pp=pp, dp_backend=backend, zero_stage=stage, pp_schedule=schedule,
+                             pp_virtual_stages=virtual, microbatches="auto", micro_batch_size=mb,
+                             activation_checkpointing=ac)
 
 
 def valid(cfg: Any, layout: Layout) -> bool:

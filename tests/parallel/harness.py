@@ -33,9 +33,13 @@ def _clean(name: str) -> str:
     return name
 
 
+def is_deepspeed(model: torch.nn.Module) -> bool:
+    return hasattr(model, "optimizer") and hasattr(model, "module")  # a DeepSpeed engine
+
+
 def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's whole gradient after the data-parallel reduction (DTensor or ZeRO partitions too)."""
-    zero = hasattr(model, "optimizer") and hasattr(model, "module")  # a DeepSpeed engine
+    zero = is_deepspeed(model)
     if zero:
         from deepspeed.utils import safe_get_full_grad
         model = model.module
@@ -72,9 +76,8 @@ def one_step(overrides: list[str], world: int, run_dir: str, recompute: bool = F
             group = ctx.mesh["dp_sp"].get_group() if ctx.distributed else None
             result["moe"] = moe_metrics(trainer.moe_layers, group, trainer.data.accumulation)
         if recompute:
-            deepspeed = hasattr(trainer.model, "optimizer") and hasattr(trainer.model, "module")
             # DeepSpeed's partitioned gradients are its optimizer's (ZeRO-3 accumulates into them until it resets)
-            (trainer.model.optimizer if deepspeed else trainer.model).zero_grad(set_to_none=True)
+            (trainer.model.optimizer if is_deepspeed(trainer.model) else trainer.model).zero_grad(set_to_none=True)
             assert set_activation_checkpointing(trainer.model, "full") > 0
             loss = trainer.forward_backward(batch)
             result["recomputed"] = {"loss": trainer._dp_mean(loss), "grads": all_grads(trainer, ctx)}

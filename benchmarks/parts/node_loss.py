@@ -31,7 +31,7 @@ from typing import Any, Callable
 from benchmarks.recovery import append, one, read_events, split
 
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float) -> Any:
