@@ -146,6 +146,11 @@ class CheckpointStore:
     def _file(self, step: int, name: str) -> str:
         return f"{self.path(step)}/{name}"
 
+    def _forget_listings(self) -> None:
+        """Drop the folder listings fsspec cached (s3fs, gcsfs): other processes — every node's keepers — add and
+        delete this store's files, and a stale listing hides a newer step, or says a file in it does not exist."""
+        self.fs.invalidate_cache()
+
     def _read(self, path: str, limit: int) -> bytes:
         """A whole file, refused when it holds more than `limit` bytes (read no further than that)."""
         with self.fs.open(path, "rb") as f:
@@ -158,6 +163,7 @@ class CheckpointStore:
 
     def step_dirs(self) -> list[int]:
         """Every step folder, complete or not, oldest first."""
+        self._forget_listings()
         if not self.fs.exists(self.root):
             return []
         steps = []
@@ -373,6 +379,7 @@ class CheckpointStore:
         digest = _digest()
         digest.update(metadata)
         files[".metadata"] = {"bytes": len(metadata), "blake2b": digest.hexdigest()}
+        self._forget_listings()  # the other keepers wrote their files since
         for entry in self.fs.ls(self.path(step), detail=False):  # a torn earlier attempt's strays
             base = entry.rstrip("/").rsplit("/", 1)[-1]
             if base not in files and base != ".results":
@@ -417,6 +424,7 @@ class CheckpointStore:
              rank_local_keys: tuple[str, ...]) -> dict[str, Any]:
         """Fill `template` (a freshly built trainer's state) from checkpoint `step`. Collective when
         distributed. CheckpointRefused when its bytes are not a loadable phalanx checkpoint."""
+        self._forget_listings()
         try:
             manifest = self.read_manifest(step)
             metadata = self.read_metadata(step, manifest)
