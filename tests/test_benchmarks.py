@@ -23,6 +23,7 @@ TIMEOUTS_S = {"recovery": 420, "elastic": 600}
 # Keys of the last line that RESULTS.md quotes, beside `speedup`; a new benchmark needs only `speedup`.
 KEYS = {
     "checkpoint": {"stall_ms", "step_overhead_pct", "encode_gbps", "snapshot_matches_state"},
+    "data_prepare": {"phalanx_tokens_per_s", "datasets_tokens_per_s", "tokens"},
     "elastic": {"phalanx_ms", "anchor_ms", "bytes"},
     "erasure": {"anchor", "encode_gbps", "decode_gbps", "configs"},
     "moe": {"one_process", "ep2"},

@@ -1,13 +1,18 @@
-"""Data: datasets map a global sample index to tokens; `DataPosition` shards and resumes them."""
+"""Data: datasets map a global sample index to tokens; `DataPosition` shards and resumes them.
+
+The package imports no torch itself (the datasets load it when first used): `phalanx data prepare`'s worker
+processes import `phalanx.data.tokenizer`, and each would otherwise pay torch's seconds of import for nothing.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from phalanx.data.memmap import MemmapTokens
-from phalanx.data.synthetic import SyntheticTokens
+    from phalanx.data.memmap import MemmapTokens
+    from phalanx.data.synthetic import SyntheticTokens
 
 
 class TokenDataset(Protocol):
@@ -16,10 +21,34 @@ class TokenDataset(Protocol):
 
 def build_dataset(cfg) -> TokenDataset:
     """The dataset named by `cfg.data.kind` (config validated)."""
+    from phalanx.data.memmap import MemmapTokens
+    from phalanx.data.synthetic import SyntheticTokens
+
     d = cfg.data
     if d.kind == "synthetic":
         return SyntheticTokens(cfg.model.vocab_size, d.seq_len, cfg.run.seed, d.noise)
     return MemmapTokens(d.path, d.seq_len, cfg.run.seed, d.val_fraction, cfg.model.vocab_size, d.dtype)
+
+
+def validate_data(cfg) -> None:
+    """The checks of `cfg.data` that read its files (`phalanx.parallel.validate` calls this before any process
+    group): a memmap source whose vocabulary does not fit `model.vocab_size` is refused here, not at step 0."""
+    if cfg.data.kind == "memmap":
+        from phalanx.data.memmap import check_vocab
+
+        check_vocab(cfg.data.path, cfg.model.vocab_size)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MemmapTokens":
+        from phalanx.data.memmap import MemmapTokens
+
+        return MemmapTokens
+    if name == "SyntheticTokens":
+        from phalanx.data.synthetic import SyntheticTokens
+
+        return SyntheticTokens
+    raise AttributeError(f"module 'phalanx.data' has no attribute {name!r}")
 
 
 class DataPosition:
@@ -62,4 +91,4 @@ class DataPosition:
         self.consumed = int(state["consumed"])
 
 
-__all__ = ["build_dataset", "DataPosition", "SyntheticTokens", "MemmapTokens"]
+__all__ = ["build_dataset", "validate_data", "DataPosition", "SyntheticTokens", "MemmapTokens"]

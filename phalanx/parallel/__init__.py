@@ -14,11 +14,14 @@ _KIND_OF_DIM = {"sp": ("sequence", "sp_backend"), "ep": ("expert", "ep_backend")
 
 def validate(cfg: Any, world_size: int = 1) -> Any:
     """Check every field and cross-field rule of `cfg`, its model kind and a strategy for each parallel
-    degree; resolve `parallel.dp`. Raises ConfigError before any process group exists."""
+    degree, and the data files' own description (vocabulary); resolve `parallel.dp`. Raises ConfigError before
+    any process group exists."""
     from phalanx.config import validate_fields
+    from phalanx.data import validate_data
     from phalanx.models import MODEL_KINDS  # the registry; no torch work happens here
 
     dp = validate_fields(cfg, world_size, tuple(MODEL_KINDS))
+    validate_data(cfg)
     validate_layout(cfg, world_size)
     cfg.parallel.dp = dp
     return cfg
