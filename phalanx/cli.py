@@ -27,10 +27,20 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="byte-level tokens of a text file into a .bin for data.kind=memmap")
-    prep.add_argument("text_file")
-    prep.add_argument("out", help="output .bin (a .json description is written beside it)")
-    prep.add_argument("--force", action="store_true", help="replace an existing output")
+    prep = data_sub.add_parser("prepare", help="tokenize text / jsonl / parquet files into token shards and an "
+                                               "index.json for data.kind=memmap (a rerun resumes)")
+    prep.add_argument("inputs", nargs="+", metavar="INPUT", help="files or quoted globs, in order (the older form "
+                                                                 "TEXT_FILE OUT.bin writes one .bin of bytes)")
+    prep.add_argument("--out", metavar="DIR", help="output folder: shard-NNNNN.bin, index.json, tokenizer files")
+    prep.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json or an HF model folder holding one "
+                                                          "(default: bytes, vocab 256)")
+    prep.add_argument("--field", default="text", help="the text field of jsonl lines or parquet rows (text)")
+    prep.add_argument("--eos-token", help="the end-of-text token written after each document "
+                                          "(default: the tokenizer's, found by its usual names)")
+    prep.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: the CPUs)")
+    prep.add_argument("--shard-tokens", type=int, default=None,
+                      help="a shard closes at the first document end at or past this many tokens (134217728)")
+    prep.add_argument("--force", action="store_true", help="replace an existing output (or an interrupted one)")
 
     ray_ = sub.add_parser("ray", help="train on a Ray cluster with failure detection and recovery")
     ray_.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
@@ -54,12 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     ckpt_verify.add_argument("--trust", action="store_true",
                              help="adopt --step N: if every file verifies, sign it with this run's key so the run "
                                   "resumes from it (for an unsigned checkpoint or one from another run)")
-    ckpt_export = ckpt_sub.add_parser("export", help="consolidated model weights in one file, for inference tools")
+    ckpt_export = ckpt_sub.add_parser("export", help="consolidated model weights: one safetensors file, or a "
+                                      "Hugging Face Llama folder (--format hf)")
     ckpt_export.add_argument("run_dir", help="e.g. runs/tiny")
     ckpt_export.add_argument("--step", type=int, help="step to export (default: the newest that verifies)")
-    ckpt_export.add_argument("--format", default="safetensors", help="output format: safetensors (the only one)")
-    ckpt_export.add_argument("--out", help="output file (default: RUN/export/step-N.safetensors)")
-    ckpt_export.add_argument("--force", action="store_true", help="replace an existing output file")
+    ckpt_export.add_argument("--format", default="safetensors",
+                             help="safetensors (one file, phalanx names) or hf (config.json, sharded safetensors "
+                                  "and the tokenizer, for transformers' from_pretrained)")
+    ckpt_export.add_argument("--out", help="output (default: RUN/export/step-N.safetensors, or RUN/export/step-N-hf)")
+    ckpt_export.add_argument("--force", action="store_true", help="replace an existing output")
 
     from phalanx.planner.plan import add_plan_arguments
 
@@ -82,10 +95,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from phalanx.data.prepare import prepare_bytes
+    import os
 
-    meta = prepare_bytes(args.text_file, args.out, force=args.force)
-    print(f"wrote {meta['tokens']:,} byte tokens to {args.out} (vocab 256, uint16)")
+    from phalanx.data.prepare import DEFAULT_SHARD_TOKENS, prepare_bytes, prepare_corpus
+
+    if args.out is None:
+        if len(args.inputs) == 2 and args.inputs[1].endswith(".bin"):  # the older one-file form
+            meta = prepare_bytes(args.inputs[0], args.inputs[1], force=args.force)
+            print(f"wrote {meta['tokens']:,} byte tokens to {args.inputs[1]} (vocab 256, uint16)")
+            return 0
+        raise PhalanxError(f"name the output folder: phalanx data prepare {' '.join(args.inputs)} --out DIR")
+    index = prepare_corpus(args.inputs, args.out, tokenizer=args.tokenizer, field=args.field,
+                           workers=args.workers if args.workers is not None else os.cpu_count() or 1,
+                           shard_tokens=args.shard_tokens if args.shard_tokens is not None else DEFAULT_SHARD_TOKENS,
+                           eos_token=args.eos_token,
+                           force=args.force, progress=True)
+    print(f"wrote {index['tokens']:,} tokens of {index['documents']:,} documents in {len(index['shards'])} shards "
+          f"to {args.out} (vocab {index['vocab_size']:,}, {index['dtype']})")
     return 0
 
 

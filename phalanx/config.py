@@ -18,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from phalanx import hfconfig
 from phalanx.errors import ConfigError
 from phalanx.faults import parse_injection
 
@@ -63,14 +64,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # hf:DIR: a Hugging Face Llama-family model (config.json + *.safetensors) fills this section and the weights
+    # of a run that starts fresh (phalanx/hfconfig.py); a resumed run loads its own checkpoint
+    init_from: Optional[str] = None
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
 class DataConfig:
     kind: str = "synthetic"  # synthetic | memmap
-    path: Optional[str] = None  # memmap: a .bin of tokens (see `phalanx data prepare`)
-    dtype: str = "auto"  # memmap token dtype: auto (from the .json beside the .bin) | uint16 | uint32
+    path: Optional[str] = None  # memmap: a `phalanx data prepare` folder (or its index.json), or a .bin of tokens
+    dtype: str = "auto"  # memmap token dtype: auto (from index.json or the .json beside the .bin) | uint16 | uint32
     seq_len: int = 128
     val_fraction: float = 0.05  # memmap: trailing share of tokens held out for eval
     noise: float = 0.1  # synthetic: probability that a token breaks the learnable chain
@@ -276,12 +280,23 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             raise _omegaconf_error(err, source) from None
+    if merged.model.init_from:
+        merged = _from_hf(merged, layers)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, "the config") from None
     assert isinstance(cfg, PhalanxConfig)
     return cfg
+
+
+def _from_hf(merged: DictConfig, layers: list[tuple[DictConfig, str]]) -> DictConfig:
+    """The model section filled from `model.init_from`'s config.json; keys the YAML or overrides set must agree."""
+    path = hfconfig.folder(merged.model.init_from)
+    user_layers = [OmegaConf.to_container(layer.model) for layer, _ in layers if layer.get("model")]
+    model = OmegaConf.to_container(merged.model)
+    filled = hfconfig.merge(model, user_layers, path, merged.data.seq_len)
+    return OmegaConf.merge(merged, {"model": filled})
 
 
 def to_yaml(cfg: PhalanxConfig) -> str:
@@ -394,10 +409,14 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
     _one_of("data.dtype", d.dtype, ("auto", "uint16", "uint32"))
     if d.kind == "memmap":
         if not d.path:
-            raise ConfigError("data.kind=memmap needs data.path, a .bin made by `phalanx data prepare TEXT_FILE OUT.bin`")
-        if not os.path.isfile(d.path):
+            raise ConfigError("data.kind=memmap needs data.path, a folder made by `phalanx data prepare INPUT... "
+                              "--out DIR` (or a .bin of tokens)")
+        if os.path.isdir(d.path) and not os.path.isfile(os.path.join(d.path, "index.json")):
+            raise ConfigError(f"data.path='{d.path}' has no index.json; prepare it with `phalanx data prepare "
+                              f"INPUT... --out {d.path}` (an interrupted prepare resumes when rerun)")
+        if not os.path.exists(d.path):
             raise ConfigError(
-                f"data.path='{d.path}' does not exist; create it with `phalanx data prepare TEXT_FILE {d.path}`"
+                f"data.path='{d.path}' does not exist; create it with `phalanx data prepare INPUT... --out {d.path}`"
             )
 
     _positive("optim.lr", o.lr)

@@ -21,7 +21,7 @@ from phalanx.checkpoint.persistent import MANIFEST, CheckpointStore, SafeLoadPla
 from phalanx.errors import PhalanxError
 
 MODEL_PREFIX = "model."
-FORMATS = ("safetensors",)
+FORMATS = ("safetensors", "hf")  # one file of plain GPT names; a Hugging Face Llama folder (export_hf.py)
 
 
 @dataclass
@@ -235,9 +235,10 @@ def export_checkpoint(run_dir: str, step: Optional[int], fmt: str = "safetensors
                                f"see `phalanx ckpt verify {run_dir}`")
     else:
         _check_step(store, run_dir, step)
-    out = out or os.path.join(run_dir, "export", f"step-{step}.safetensors")
+    out = out or os.path.join(run_dir, "export", f"step-{step}" + ("-hf" if fmt == "hf" else ".safetensors"))
     if os.path.exists(out) and not force:
-        raise PhalanxError(f"{out} exists; pass --force to replace it, or --out another file")
+        raise PhalanxError(f"{out} exists; pass --force to replace it, or --out another "
+                           f"{'folder' if fmt == 'hf' else 'file'}")
     problems = store.verify(step)
     if problems:
         raise PhalanxError(f"step-{step} does not verify ({problems[0]}); export a step that does "
@@ -245,9 +246,13 @@ def export_checkpoint(run_dir: str, step: Optional[int], fmt: str = "safetensors
     manifest = store.manifest(step) or {}
     if ".metadata" not in manifest.get("files", {}):
         raise PhalanxError(f"step-{step} has no DCP .metadata listed in its {MANIFEST}: not a phalanx checkpoint")
+    weights = {k: v.contiguous() for k, v in consolidated_model(store, step).items()}
+    if fmt == "hf":
+        from phalanx.checkpoint.export_hf import write_hf
+
+        return write_hf(weights, _run_config(run_dir), out, step, force)
     from safetensors.torch import save_file
 
-    weights = {k: v.contiguous() for k, v in consolidated_model(store, step).items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     save_file(weights, tmp, metadata={"format": "pt", "phalanx_step": str(step), "source": store.path(step)})

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
+from phalanx import hfconfig
 from phalanx.models.gpt import GPT, flops_per_token
+from phalanx.models.hf import HFWeights
 
 MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {"gpt": GPT}
 
@@ -18,11 +20,12 @@ def build_on_meta(cfg) -> nn.Module:
         return MODEL_KINDS[cfg.kind](cfg)
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
-    """Allocate the (possibly parallelised) model on `device` and initialise it from `seed`."""
+def materialize(model: nn.Module, device: torch.device, seed: int, init_from: Optional[str] = None) -> nn.Module:
+    """Allocate the (possibly parallelised) model on `device` and initialise it from `seed`, or from the
+    Hugging Face model named by `init_from` ("hf:DIR", model.init_from: each rank reads its own shard)."""
     model.to_empty(device=device)
     generator = torch.Generator().manual_seed(seed)
-    model.init_weights(generator)
+    model.init_weights(generator, HFWeights(hfconfig.folder(init_from)) if init_from else None)
     return model
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from phalanx.config import ACTIVATION_CHECKPOINTING, ModelConfig
+from phalanx.models.hf import HFWeights
 from phalanx.models.mlp import SwiGLU, ffn_dim
 from phalanx.models.moe import MoE, expert_ffn_dim, is_moe_block
 
@@ -161,17 +162,28 @@ class GPT(nn.Module):
         return self.rope_cos[positions], self.rope_sin[positions]
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator) -> None:
-        """Deterministic init from `generator`, in parameter-name order, whatever the device.
+    def init_weights(self, generator: torch.Generator, weights: Optional[HFWeights] = None) -> None:
+        """Deterministic init from `generator`, in parameter-name order, whatever the device; or, given
+        `weights` (model.init_from), each parameter's own region read from a Hugging Face model's files.
 
         Values are drawn on the CPU and copied, so one seed gives the same model on CPU and GPU.
         Output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2) to keep the residual stream stable.
         """
         if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight  # to_empty() off the meta device unties them
+        params = dict(self.named_parameters())
+        if weights is not None:
+            weights.fill(params, self.cfg)
+        else:
+            self._draw(generator, params)
+        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
+                               self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def _draw(self, generator: torch.Generator, params: dict[str, torch.Tensor]) -> None:
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        params = dict(self.named_parameters())
         for name, shape in self.init_order:
             if name.endswith("norm.weight"):
                 full = torch.ones(shape)
@@ -180,10 +192,6 @@ class GPT(nn.Module):
                 full = torch.empty(shape, dtype=torch.float32).normal_(0.0, scale, generator=generator)
             if name in params:  # a pipeline stage draws the other stages' values too, and drops them
                 _assign(params[name], full)
-        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
-                               self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

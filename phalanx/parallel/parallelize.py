@@ -5,7 +5,8 @@
      wiring, and experts sharded over ep), then pipeline (this rank's blocks and their stages);
   3. a data-parallel back end that shards parameters (`on_meta`, e.g. FSDP) wraps the meta model,
      or each pipeline stage;
-  4. materialise on the device, initialised from the seed (identical on every rank);
+  4. materialise on the device, initialised from the seed (identical on every rank) or read from
+     model.init_from (each rank its own region);
   5. a data-parallel back end that wraps real tensors (DDP) does so.
 
 Each kind of strategy has its protocol in `registry`; the trainer calls the strategies it gets back
@@ -60,7 +61,7 @@ def parallelize(model: nn.Module, *, layout: Layout, mesh: Any, cfg: Any, device
     data = registry.get("data", layout.dp_backend, "parallel.dp_backend")
     if data.on_meta:
         stages = [data.apply(stage, mesh, cfg) for stage in stages]
-    materialize(model, device, seed)
+    materialize(model, device, seed, cfg.model.init_from)
     if not data.on_meta:
         stages = [data.apply(stage, mesh, cfg) for stage in stages]
     return Parallelized(model if plans is not None else stages[0], stages, plans, data, sequence, expert)

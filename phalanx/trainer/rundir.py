@@ -39,7 +39,7 @@ def _check_same_model(path: str, cfg: PhalanxConfig) -> list[str]:
             old_value = OmegaConf.select(saved, f"{section}.{key}", default="<absent>")
             if old_value != new[section][key]:
                 changed.append(f"{section}.{key}: {old_value} -> {new[section][key]}")
-                if section == "model":
+                if section == "model" and key != "init_from":  # where fresh weights came from: not the model
                     raise ConfigError(
                         f"{path} was trained with model.{key}={old_value} but the config says {new[section][key]}; "
                         f"its checkpoints cannot load into this model: use another run.name, or run.resume=false "

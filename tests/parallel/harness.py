@@ -52,26 +52,38 @@ def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
-def all_grads(trainer: Trainer, ctx: Any) -> dict[str, torch.Tensor]:
-    grads = full_grads(trainer.model)
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole value (DTensors gathered)."""
+    return {_clean(name): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+def all_stages(tensors: dict[str, torch.Tensor], trainer: Trainer, ctx: Any) -> dict[str, torch.Tensor]:
     if trainer.pipeline is not None:  # each stage holds its own parameters: collect them all
         every = [None] * ctx.world_size
-        torch.distributed.all_gather_object(every, grads)
-        grads = {name: grad for stage_grads in every for name, grad in stage_grads.items()}
-    return grads
+        torch.distributed.all_gather_object(every, tensors)
+        tensors = {name: tensor for stage in every for name, tensor in stage.items()}
+    return tensors
 
 
-def one_step(overrides: list[str], world: int, run_dir: str, recompute: bool = False) -> dict:
+def all_grads(trainer: Trainer, ctx: Any) -> dict[str, torch.Tensor]:
+    return all_stages(full_grads(trainer.model), trainer, ctx)
+
+
+def one_step(overrides: list[str], world: int, run_dir: str, recompute: bool = False, params: bool = False) -> dict:
     """Rank 0's loss and gradients of one step; with `recompute`, also those of the same step taken again with
-    every block's forward recomputed in backward (train.activation_checkpointing=full), under "recomputed"."""
+    every block's forward recomputed in backward (train.activation_checkpointing=full), under "recomputed";
+    with `params`, the whole weights the layout started from (under "params"; not for DeepSpeed)."""
     cfg = validate(load_config(CONFIG, [*TINY, *overrides, f"run.dir={run_dir}"]), world)
     ctx = init_distributed(cfg)
     try:
         trainer = Trainer(cfg, ctx, run_dir)
+        start = all_stages(full_params(trainer.model), trainer, ctx) if params else None
         batch = trainer.data.next_step()
         loss = trainer.forward_backward(batch)
         sent = comm.STATS.take()  # what this rank's forward and backward sent
-        result = {"loss": trainer._dp_mean(loss), "grads": all_grads(trainer, ctx), "rank": ctx.rank, "comm": sent}
+        result = {"loss": trainer._dp_mean(loss), "grads": all_grads(trainer, ctx), "rank": ctx.rank, "comm": sent,
+                  "params": start}
         if trainer.moe_layers:
             group = ctx.mesh["dp_sp"].get_group() if ctx.distributed else None
             result["moe"] = moe_metrics(trainer.moe_layers, group, trainer.data.accumulation)
