@@ -126,6 +126,7 @@ class ParallelConfig:
     pp_split: Optional[list[int]] = None  # blocks per stage (pp, or pp * pp_virtual_stages entries); None: balanced
     microbatches: Any = "auto"  # pipeline micro-batches per schedule run; auto: all of a rank's micro-batches
     comm_stats: bool = False  # count bytes and time of every collective per step (phalanx/telemetry/comm.py)
+    memory_check: bool = True  # refuse, before any process group, a layout the planner predicts will not fit
     order: str = "pp,dp,sp"  # rank order, outermost first (ranks numbered node by node); auto: `phalanx plan`'s placement
 
 

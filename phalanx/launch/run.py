@@ -31,7 +31,14 @@ def rank_config(config_path: str, overrides: list[str]) -> PhalanxConfig:
 
 
 def run_rank(cfg) -> int:
-    """Train one rank of a validated config; returns 0, or raises what stopped it."""
+    """Train one rank of a validated config; returns 0, or raises what stopped it. A layout the planner predicts
+    will not fit this rank's memory is refused before any process group starts."""
+    import os
+
+    from phalanx.launch.preflight import check_memory
+    from phalanx.parallel.layout import Layout
+
+    check_memory(cfg, Layout.from_config(cfg), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     ctx = init_distributed(cfg)
     try:
         fit(cfg, ctx)

@@ -84,6 +84,23 @@ def test_memory_model_pipeline_in_flight_and_activation_checkpointing() -> None:
     assert ac.compute_s > step_cost(cfg, one_f_one_b, topo).compute_s  # the recomputed forward
 
 
+def test_a_layout_predicted_not_to_fit_is_refused_before_any_process_group(capsys) -> None:
+    """Llama 8B on one CPU process: the planner's estimate (about 120 GiB of fp32 state alone) exceeds this
+    host; `phalanx train` says so in one line naming the fix, without starting anything."""
+    from phalanx.cli import main
+    from phalanx.launch.preflight import check_memory
+
+    big = [*TINY, *LLAMA_8B, "train.batch_size=8", "data.seq_len=128", "train.dtype=fp32"]
+    assert main(["train", CONFIG, *big]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs about" in err and "GiB per rank" in err, err
+    assert "phalanx plan" in err and "parallel.memory_check=false" in err, err
+    cfg = validate(load_config(CONFIG, [*big, "parallel.memory_check=false"]))
+    check_memory(cfg, Layout.from_config(cfg), 1)  # the escape hatch
+    tiny = validate(load_config(CONFIG, TINY))
+    check_memory(tiny, Layout.from_config(tiny), 4)
+
+
 def test_plan_for_1024_devices_runs_in_seconds() -> None:
     cfg = load_config(CONFIG, LLAMA_8B)
     start = time.perf_counter()
