@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.helpers import (CONFIG, assert_loopback_only, assert_params_close, events, final_checkpoint,
-                           load_checkpoint, losses, metrics, run_overrides, train_local)
+                           load_checkpoint, losses, metrics, run_overrides)
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timed failures on a Ray cluster: run alone
@@ -85,8 +85,8 @@ def remove_a_worker_node(cluster, placed: dict) -> int:
     return victim
 
 
-def test_a_lost_node_is_rebuilt_from_parity_then_one_with_no_spare_shrinks_the_run_until_a_node_returns(cluster,
-                                                                                                          tmp_path):
+def test_a_lost_node_is_rebuilt_from_parity_then_one_with_no_spare_shrinks_the_run_until_a_node_returns(
+        cluster, reference_run, tmp_path):
     """Node loss 1 (step 4): a spare node is there; the survivors restart on
     their own nodes and restore from their keepers, the lost rank's block is decoded from parity, and the run
     goes on like the failure-free one. Node loss 2 (step 10, fault.elastic=true): no node arrives;
@@ -98,7 +98,7 @@ def test_a_lost_node_is_rebuilt_from_parity_then_one_with_no_spare_shrinks_the_r
     from phalanx.launch.controller import main
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    train_local(CONFIG, run_overrides(tmp_path / "ref", *BASE), 3)  # failure-free, on pooled local ranks
+    ref_dir = reference_run(CONFIG, 3, *BASE)  # failure-free, on pooled local ranks (make test: trained ahead)
     run_dir = tmp_path / "t"
     result: dict = {}
 
@@ -139,7 +139,7 @@ def test_a_lost_node_is_rebuilt_from_parity_then_one_with_no_spare_shrinks_the_r
     tiers = of(run_dir, "restore")[0]["ranks"]
     assert tiers[victim] == "peers (erasure decode)", tiers  # its keeper went with the node
     assert all(tiers[r] == "keeper" for r in survivors), tiers  # the survivors' own keepers
-    ref = losses(tmp_path / "ref" / "t")
+    ref = losses(ref_dir)
     got = losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     # 2: no spare: 2 workers, resharded from memory, nothing committed lost; then 3 again
@@ -152,4 +152,4 @@ def test_a_lost_node_is_rebuilt_from_parity_then_one_with_no_spare_shrinks_the_r
     for step in range(1, STEPS + 1):  # the same model as the failure-free run, on any layout, to rounding
         assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
     assert_params_close(load_checkpoint(final_checkpoint(run_dir, STEPS))["model"],
-                        load_checkpoint(final_checkpoint(tmp_path / "ref" / "t", STEPS))["model"])
+                        load_checkpoint(final_checkpoint(ref_dir, STEPS))["model"])
