@@ -4,7 +4,6 @@ storage bit for bit. (Resumes at other layouts, and plain DCP loading a checkpoi
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import subprocess
@@ -76,31 +75,28 @@ def test_a_failed_write_at_the_end_names_the_rank_and_the_storage_and_the_keeper
 
 
 def test_sigkill_during_persistence_never_leaves_a_valid_looking_torn_checkpoint(tmp_path):
-    """Persist every step with a model whose write takes a while; SIGKILL the keeper (the writer) and
-    the trainer at random moments, relaunch, repeat. Every folder with a manifest verifies and loads;
-    every other one is reported incomplete."""
+    """Persist every step with a model whose write takes a while; once one checkpoint is complete, SIGKILL the
+    keeper (the writer) and the trainer at a random moment, most likely mid-write. Every folder with a manifest
+    verifies and loads; every other one is reported incomplete. (A relaunch past a torn step:
+    tests/trainer/test_trainer.py's retention test and tests/checkpoint/test_s3.py.)"""
     extra = ["train.steps=400", "checkpoint.persist_every=1", "checkpoint.keep_last=0", "model.d_model=256",
              "model.n_layers=4", "model.max_seq_len=64"]
     args = ["train", CONFIG, *run_overrides(tmp_path, *extra)]
     run_dir = tmp_path / "t"
-    rng = random.Random()
-    for attempt in range(2):
-        launcher = subprocess.Popen(phalanx_cmd(args), cwd=REPO, env=loopback_env(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-        try:
-            done = max([m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-                       if (run_dir / "metrics.jsonl").exists() else [0])
-            wait_for_step(run_dir, done + 3, launcher)
-            store = CheckpointStore(str(run_dir / "checkpoints"))
-            deadline = time.monotonic() + 120
-            while attempt == 0 and not store.committed_steps() and time.monotonic() < deadline:
-                time.sleep(0.05)  # the first attempt lets one checkpoint complete; then kills land mid-write
-            time.sleep(rng.uniform(0.0, 0.4))
-            keeper = psutil.Process(keeper_pid(run_dir, 0))
-            keeper.kill()  # the writer dies mid-write, most likely
-        finally:
-            kill_tree(launcher)
-        keeper.wait(timeout=30)
+    launcher = subprocess.Popen(phalanx_cmd(args), cwd=REPO, env=loopback_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(run_dir, 3, launcher)
+        store = CheckpointStore(str(run_dir / "checkpoints"))
+        deadline = time.monotonic() + 120
+        while not store.committed_steps() and time.monotonic() < deadline:
+            time.sleep(0.05)  # one checkpoint completes; then the kill lands mid-write
+        time.sleep(random.Random().uniform(0.0, 0.4))
+        keeper = psutil.Process(keeper_pid(run_dir, 0))
+        keeper.kill()  # the writer dies mid-write, most likely
+    finally:
+        kill_tree(launcher)
+    keeper.wait(timeout=30)
     store = CheckpointStore(str(run_dir / "checkpoints"))
     complete, torn = store.committed_steps(), [s for s in store.step_dirs() if store.manifest(s) is None]
     print(f"complete: {complete}, torn: {torn}")
