@@ -8,6 +8,7 @@ script's exit status, its stdout and stderr in the files named."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import runpy
@@ -47,10 +48,9 @@ def run_script(script: str, out: str, err: str) -> int:
 def main() -> None:
     replies = os.fdopen(os.dup(1), "w")  # the protocol's own channel: what imports print goes to stderr
     os.dup2(2, 1)
-    import torch  # noqa: F401  # pyflakes: ignore (the forked scripts inherit it)
-
+    importlib.import_module("torch")  # the forked scripts inherit it
     try:
-        import deepspeed  # noqa: F401  (moe.py and ulysses.py compare against it)
+        importlib.import_module("deepspeed")  # moe.py and ulysses.py compare against it
     except ImportError:
         pass
     for line in sys.stdin:
