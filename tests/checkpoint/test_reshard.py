@@ -53,8 +53,8 @@ def reference(reference_run, name: str) -> tuple[Path, Path, int]:
 
 def resume_at(config: Path, ref: Path, root: Path, layout_b: list[str], world: int,
               persist: list[str] = AT_THE_END) -> tuple[Path, int]:
-    """A copy of `ref` back at its checkpoint of step 16 (or the newest before it), relaunched at layout B;
-    (run folder, resumed step). Four steps at B are enough to compare: each restarts where A left off."""
+    """A copy of `ref` back at its checkpoint four steps before its end (or the newest before that), relaunched
+    at layout B; (run folder, resumed step)."""
     run_dir = root / "t"
     resumed = copy_back(ref, run_dir, STEPS - 4)
     train_local(config, run_overrides(root, *COMMON, *persist, *layout_b), world)
