@@ -19,7 +19,7 @@ from tests.checkpoint.test_recovery import keeper_pid
 from tests.trainer.test_trainer import make_trainer
 from tests.helpers import (CONFIG, REPO, assert_bitwise_equal, events, final_checkpoint, kill_tree, load_checkpoint,
                            loopback_env, losses, phalanx_cmd, run_overrides, train_local, wait_for_step)
-from tests.parallel.test_loss_curves import COMMON as CURVE, STEPS as CURVE_STEPS, shared
+from tests.parallel.test_loss_curves import COMMON, STEPS as CURVE_STEPS, ZERO2, shared
 
 
 def copy_back(run_dir: Path, copy: Path, step: int) -> int:
@@ -106,6 +106,9 @@ def test_sigkill_during_persistence_never_leaves_a_valid_looking_torn_checkpoint
         load_checkpoint(final_checkpoint(run_dir, step))  # loads with DCP
     for step in torn:
         assert store.verify(step) == [f"step-{step} has no readable manifest.json (an interrupted write): incomplete"]
+
+
+CURVE = [*COMMON, *ZERO2]  # test_loss_curves' zero2 run
 
 
 @pytest.mark.slow

@@ -112,25 +112,26 @@ def assert_plain_dcp_loads(config: Path, checkpoint: Path, root: Path) -> None:
 
 @shared("zero2")
 def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_run, tmp_path):
-    """DeepSpeed's partitions leave no trace in what ZeRO saves: a zero2 dp2 run resumed from storage as zero3 dp4
-    trains on as the zero2 run did; SIGKILLed after step 11, it is relaunched as FSDP dp2 in its folder, from the
-    keepers' memory of its ZeRO-3 ranks (ZeRO snapshots at its persist steps), and still ends as the zero2 run."""
+    """DeepSpeed's partitions leave no trace in what ZeRO saves: a zero2 dp2 run resumed from storage (step 12) as
+    zero3 dp4 trains on as the zero2 run did; SIGKILLed after step 14, it is relaunched as FSDP dp2 in its folder,
+    from the keepers' memory of its ZeRO-3 ranks (ZeRO snapshots at its persist steps: every step here), and
+    still ends as the zero2 run."""
     config, ref, _ = reference(reference_run, "zero2")
-    root, kill = tmp_path / "run", "fault.inject=[kill:rank=3:step=11]"
+    root, kill = tmp_path / "run", "fault.inject=[kill:rank=3:step=14]"
     run_dir = root / "t"
-    resumed = copy_back(ref, run_dir, 6)
+    resumed = copy_back(ref, run_dir, STEPS - 4)
     with pytest.raises(RuntimeError, match="died"):
-        train_local(config, run_overrides(root, *COMMON, "checkpoint.persist_every=2", kill, "parallel.zero_stage=3",
+        train_local(config, run_overrides(root, *COMMON, "checkpoint.persist_every=1", kill, "parallel.zero_stage=3",
                                           "parallel.dp=4"), 4)
     zero3 = [e for e in events(run_dir) if e["event"] == "reshard"][-1]
     assert zero3["from_layout"] == "dp2 zero2 mb2" and zero3["to_layout"] == "dp4 zero3 mb2", zero3
     got, want = losses(run_dir), losses(ref)
-    for step in range(resumed + 1, 12):
+    for step in range(resumed + 1, 15):
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
     train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, "parallel.dp_backend=fsdp"), 2)
     restore = [e for e in events(run_dir) if e["event"] == "restore"][-1]
-    # ZeRO snapshots at its persist steps: the newest committed before the kill (10; 8 if 10's commit was in flight)
-    assert restore["step"] in (8, 10) and "dp4 zero3" in restore["reason"], restore
+    # the newest snapshot committed before the kill (14; 13 if 14's commit was in flight)
+    assert restore["step"] in (13, 14) and "dp4 zero3" in restore["reason"], restore
     assert_same_trajectory(run_dir, ref, restore["step"], tier="keeper (resharded)")
 
 
