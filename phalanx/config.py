@@ -105,8 +105,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per forward; the rest is gradient accumulation
     dtype: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer stay fp32)
     compile: bool = False
-    # none | full (every block's forward recomputed in backward) | selective (every other block)
-    activation_checkpointing: str = "none"
+    activation_checkpointing: str = "none"  # one of ACTIVATION_CHECKPOINTING
     eval_every: int = 0  # 0: no periodic eval
     eval_batches: int = 4
 

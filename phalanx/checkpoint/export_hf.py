@@ -19,12 +19,13 @@ from omegaconf import OmegaConf
 
 from phalanx import hfconfig
 from phalanx.config import ModelConfig
+from phalanx.data.index import INDEX as DATA_INDEX
+from phalanx.data.tokenizer import TOKENIZER_FILES
 from phalanx.errors import PhalanxError
 from phalanx.models.hf import INDEX, export_state
 from phalanx.models.mlp import ffn_dim
 
 MAX_SHARD_BYTES = 5 << 30  # transformers' own default shard size (save_pretrained max_shard_size="5GB")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def model_config(run_cfg: dict[str, Any]) -> ModelConfig:
@@ -41,8 +42,8 @@ def tokenizer_source(run_cfg: dict[str, Any]) -> tuple[Optional[str], dict[str, 
         return None, {}
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     index: dict[str, Any] = {}
-    if os.path.isfile(os.path.join(folder, "index.json")):
-        with open(os.path.join(folder, "index.json")) as f:
+    if os.path.isfile(os.path.join(folder, DATA_INDEX)):
+        with open(os.path.join(folder, DATA_INDEX)) as f:
             index = json.load(f)
     has_files = any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
     return (folder if has_files else None), index

@@ -28,9 +28,10 @@ def source_meta(path: str) -> dict:
     return read_index(index) if index else read_meta(path)
 
 
-def check_vocab(path: str, vocab_size: int) -> None:
-    """Refuse a token source whose ids do not fit the model's embedding, before anything is built."""
-    file_vocab: Optional[int] = source_meta(path).get("vocab_size")
+def check_vocab(path: str, vocab_size: int, meta: Optional[dict] = None) -> None:
+    """Refuse a token source whose ids do not fit the model's embedding, before anything is built (`meta`:
+    its description, when the caller has read it already)."""
+    file_vocab: Optional[int] = (meta if meta is not None else source_meta(path)).get("vocab_size")
     if file_vocab is not None and file_vocab > vocab_size:
         raise ConfigError(
             f"data.path='{path}' holds tokens up to {file_vocab - 1} but model.vocab_size={vocab_size}; "
@@ -49,15 +50,15 @@ class MemmapTokens:
 
     def __init__(self, path: str, seq_len: int, seed: int, val_fraction: float, vocab_size: int,
                  dtype: str = "auto"):
-        check_vocab(path, vocab_size)
+        meta = source_meta(path)
+        check_vocab(path, vocab_size, meta)
         index = index_path(path)
         if index:
-            meta = read_index(index)
             if dtype not in ("auto", meta["dtype"]):
                 raise ConfigError(f"data.dtype={dtype} but '{index}' records {meta['dtype']}; set data.dtype=auto")
             self.tokens: np.ndarray | ShardedTokens = ShardedTokens(os.path.dirname(index), meta)
         else:
-            self.tokens = self._open_bin(path, read_meta(path).get("dtype", "uint16") if dtype == "auto" else dtype)
+            self.tokens = self._open_bin(path, meta.get("dtype", "uint16") if dtype == "auto" else dtype)
         self.path, self.seq_len, self.seed = path, seq_len, seed
         n_val = int(len(self.tokens) * val_fraction)
         self.regions = {"train": (0, len(self.tokens) - n_val), "val": (len(self.tokens) - n_val, len(self.tokens))}

@@ -128,10 +128,7 @@ def _start_state(out_dir: str, fingerprint: dict, force: bool) -> tuple[list[dic
             if _ours(name):
                 os.remove(os.path.join(out_dir, name))
         return [], 0
-    if INDEX in names:
-        raise PhalanxError(f"'{out_dir}' already holds a prepared corpus ({INDEX}); choose another --out or pass "
-                           f"--force to replace it")
-    if PROGRESS not in names:
+    if PROGRESS not in names:  # (a complete corpus, with its index, was refused before hashing the inputs)
         foreign = [n for n in names if not _ours(n)]
         if foreign:
             raise PhalanxError(f"--out '{out_dir}' is not empty (it holds {', '.join(foreign[:3])}"

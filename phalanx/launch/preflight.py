@@ -18,11 +18,14 @@ GIB = 2**30
 
 
 def device_memory(cfg: Any, local_world: int) -> tuple[float, str]:
-    """(bytes one rank may use, what they are) on the device `cfg.run.device` resolves to here."""
+    """(bytes one rank may use, what they are) on the device this rank will train on (`pick_device`)."""
     import torch
 
-    if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
-        props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    from phalanx.parallel.dist import env_world, pick_device
+
+    device = pick_device(cfg.run.device, env_world()[2])
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
         return float(props.total_memory), f"{props.name} has"
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return host / max(local_world, 1), f"this host's {host / GIB:.1f} GiB over {local_world} local rank(s) is"

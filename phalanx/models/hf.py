@@ -11,6 +11,7 @@ shard holds (a DTensor's local region; a pipeline stage's own blocks), straight 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -109,6 +110,8 @@ class HFWeights:
     def __init__(self, path: str):
         self.path = path
         self.files = self._weight_map()
+        self._opened: dict[str, Any] = {}  # file -> its safe_open handle, while `fill` reads (header parsed once)
+        self._closing = contextlib.ExitStack()
 
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.path, INDEX)
@@ -144,28 +147,33 @@ class HFWeights:
         if theirs not in self.files:
             raise ConfigError(f"model.init_from: '{self.path}' has no tensor '{theirs}' (for {name}); "
                               f"is it a complete Llama checkpoint?")
-        with safe_open(self.files[theirs], framework="pt") as f:
-            stored = f.get_slice(theirs)
-            if tuple(stored.get_shape()) != tuple(shape):
-                raise ConfigError(f"model.init_from: '{theirs}' in '{self.path}' has shape {stored.get_shape()}, "
-                                  f"phalanx's {name} {list(shape)}; the config.json and weights disagree")
-            if not heads:
-                return stored[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
-            # whole heads around the rows wanted: the RoPE reorder moves rows only within a head
-            hd = shape[0] // heads
-            first, last = offsets[0] // hd, -(-(offsets[0] + lengths[0]) // hd)
-            rows = stored[(slice(first * hd, last * hd), *(slice(o, o + n) for o, n in zip(offsets[1:],
-                                                                                         lengths[1:])))]
-            start = offsets[0] - first * hd
-            return to_interleaved(rows, last - first)[start:start + lengths[0]]
+        file = self.files[theirs]
+        if file not in self._opened:
+            self._opened[file] = self._closing.enter_context(safe_open(file, framework="pt"))
+        stored = self._opened[file].get_slice(theirs)
+        if tuple(stored.get_shape()) != tuple(shape):
+            raise ConfigError(f"model.init_from: '{theirs}' in '{self.path}' has shape {stored.get_shape()}, "
+                              f"phalanx's {name} {list(shape)}; the config.json and weights disagree")
+        if not heads:
+            return stored[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+        # whole heads around the rows wanted: the RoPE reorder moves rows only within a head
+        hd = shape[0] // heads
+        first, last = offsets[0] // hd, -(-(offsets[0] + lengths[0]) // hd)
+        rows = stored[(slice(first * hd, last * hd), *(slice(o, o + n) for o, n in zip(offsets[1:], lengths[1:])))]
+        start = offsets[0] - first * hd
+        return to_interleaved(rows, last - first)[start:start + lengths[0]]
 
     @torch.no_grad()
     def fill(self, params: dict[str, torch.Tensor], cfg: Any) -> None:
         """Copy each parameter's region from the files (every rank its own shard; nothing is communicated)."""
         from torch.distributed.tensor import DTensor
 
-        for name, param in params.items():
-            offsets, lengths = local_region(param)
-            piece = self.read(name, tuple(param.shape), rope_heads(name, cfg), offsets, lengths)
-            local = param.to_local() if isinstance(param, DTensor) else param
-            local.copy_(piece.to(local.dtype))
+        try:
+            for name, param in params.items():
+                offsets, lengths = local_region(param)
+                piece = self.read(name, tuple(param.shape), rope_heads(name, cfg), offsets, lengths)
+                local = param.to_local() if isinstance(param, DTensor) else param
+                local.copy_(piece.to(local.dtype))
+        finally:
+            self._closing.close()  # the files' handles (and their maps) go once every parameter is filled
+            self._opened.clear()
