@@ -53,9 +53,13 @@ class SnapshotCommit:
         times = self.published[1]
         epoch = self.epoch if times == 1 else f"{self.epoch}.{times}"
         for j, contribution in enumerate(self.codec.parity_contributions(self.index, block)):
-            self.peers.call(group.parity_nodes[j], "parity_add", payload=memoryview(contribution.numpy()),
-                            gid=group.gid, j=j, step=step, index=self.index, members=list(group.members),
-                            length=length, k=self.codec.k, fp=measured.fingerprint, epoch=epoch)
+            node = group.parity_nodes[j]
+            reply, _ = self.peers.call(node, "parity_add", payload=memoryview(contribution.numpy()), gid=group.gid,
+                                       j=j, step=step, index=self.index, members=list(group.members), length=length,
+                                       k=self.codec.k, m=self.codec.m, fp=measured.fingerprint, epoch=epoch)
+            if reply.get("need_layout"):  # once per keeper and layout: what a decode of this block needs to read it
+                self.peers.call(node, "member_layout", rank=self.rank, fp=measured.fingerprint,
+                                layout=measured.plan["layout"], nbytes=measured.layout.nbytes)
 
     def agree(self, step: int, ok: bool, busy: bool) -> tuple[bool, bool]:
         """(every rank published `step`: it is committed, some rank's keeper is still persisting) after one

@@ -1,6 +1,7 @@
 """What a keeper holds for a rank: its snapshot slots (shared-memory files) and the plan it registered
 (flat layout, persistence plan, fingerprint, world size and parallel layout of the launch); and the parity
-blocks of its erasure groups. A launch of another layout registering a rank retires that rank's memory
+blocks of its erasure groups, with the flat layouts of their members (a member lost with its node is decoded
+and, when a launch of another layout restores, resharded: its layout must outlive it). A launch of another layout registering a rank retires that rank's memory
 (kept aside under its fingerprint) until the new layout commits a step, so the new launch can reshard it."""
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class ParitySlot:
     members: list[int]
     fingerprint: str = ""
     epoch: str = ""  # the launch that computed it; a relaunch recomputes a step from scratch
+    k: int = 0  # the code it is a parity of (0: not said); a decode needs both
+    m: int = 0
     got: set = field(default_factory=set)
 
     @property

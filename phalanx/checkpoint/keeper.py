@@ -87,6 +87,8 @@ class Keeper:
         # registers that rank: the new launch reshards it (`reshard.py`); dropped at the new layout's first commit
         self.retired: dict[tuple[int, str], RankState] = {}
         self.parity: dict[tuple[int, int], list[ParitySlot]] = {}
+        # (fingerprint, rank) -> {"layout", "nbytes"} of the members of the groups whose parity this keeper holds
+        self.member_layouts: dict[tuple[str, int], dict[str, Any]] = {}
         self.persist_queue: "queue.Queue[dict]" = queue.Queue()
         self.persist_results: dict[tuple[int, int], dict[str, Any]] = {}  # (rank, step) -> outcome
         self.persisting = 0
@@ -177,6 +179,9 @@ class Keeper:
             self._close(self.retired.pop(key))
         for rank in [r for r, state in self.ranks.items() if state.plan.get("fingerprint", "") != fingerprint]:
             self._close(self.ranks.pop(rank))
+        for key, slots in self.parity.items():
+            slots[:] = [s for s in slots if s.fingerprint == fingerprint]
+        self.member_layouts = {key: v for key, v in self.member_layouts.items() if key[0] == fingerprint}
 
     @staticmethod
     def _close(state: Optional[RankState]) -> None:
@@ -207,7 +212,8 @@ class Keeper:
         raise KeyError(f"rank {rank} step {step} is not held by the keeper of node {self.node}")
 
     def parity_add(self, gid: int, j: int, step: int, index: int, members: list[int], length: int,
-                   fingerprint: str, epoch: str, payload: Optional[memoryview]) -> dict[str, Any]:
+                   fingerprint: str, epoch: str, payload: Optional[memoryview], k: int = 0, m: int = 0
+                   ) -> dict[str, Any]:
         import numpy as np  # not torch: a keeper of a run that only codes parity never loads it
 
         payload = payload if payload is not None else memoryview(b"")
@@ -226,7 +232,7 @@ class Keeper:
                 # an older step): stale. Of the rest, only the newest complete parity is kept.
                 complete = [s for s in slots if s.step < step and s.complete]
                 slots[:] = [max(complete, key=lambda s: s.step)] if complete else []
-                target = ParitySlot(step, bytearray(length), list(members), fingerprint, epoch)
+                target = ParitySlot(step, bytearray(length), list(members), fingerprint, epoch, k, m)
                 slots.append(target)
             if index in target.got:
                 return {"error": f"parity {j} of group {gid} step {step} already holds member {index}"}
@@ -237,14 +243,26 @@ class Keeper:
             if len(payload):
                 dst = np.frombuffer(target.buffer, dtype=np.uint8, count=len(payload))
                 np.bitwise_xor(dst, np.frombuffer(payload, dtype=np.uint8), out=dst)
-            return {"complete": target.complete}
+            return {"complete": target.complete, "need_layout": (fingerprint, members[index]) not in self.member_layouts}
+
+    def member_layout(self, rank: int, fingerprint: str, layout: dict[str, Any], nbytes: int) -> dict[str, Any]:
+        """The flat layout of a member of a group whose parity this keeper holds (`layout` serves it)."""
+        if nbytes > self.frame_limit:
+            raise ValueError(f"member block of {nbytes} bytes exceeds this keeper's frame limit of "
+                             f"{self.frame_limit} bytes")
+        with self.lock:
+            if not any(s.fingerprint == fingerprint and rank in s.members for slots in self.parity.values()
+                       for s in slots):
+                return {"error": f"the keeper of node {self.node} holds no parity of rank {rank}, layout {fingerprint}"}
+            self.member_layouts[(fingerprint, rank)] = {"layout": layout, "nbytes": nbytes}
+            return {}
 
     def inventory(self) -> dict[str, Any]:
         with self.lock:
             data = {str(rank): held_steps(state) for rank, state in self.ranks.items()}
             retired = [{"rank": rank, **held_steps(state)} for (rank, _), state in self.retired.items()]
             parity = [{"gid": gid, "j": j, "step": s.step, "members": s.members, "length": len(s.buffer),
-                       "fp": s.fingerprint}
+                       "fp": s.fingerprint, "k": s.k, "m": s.m}
                       for (gid, j), slots in self.parity.items() for s in slots if s.complete]
             return {"node": self.node, "data": data, "parity": parity, "retired": retired}
 
@@ -254,12 +272,15 @@ class Keeper:
         return {"nbytes": nbytes}, memoryview(slot.buffer)[:nbytes]
 
     def layout(self, rank: int, fingerprint: str) -> dict[str, Any]:
-        """The flat layout of rank `rank`'s blocks of layout `fingerprint` (`flat.FlatLayout.to_json`)."""
+        """The flat layout of rank `rank`'s blocks of layout `fingerprint` (`flat.FlatLayout.to_json`): of a rank
+        it holds, or of a member of a group whose parity it holds."""
         with self.lock:
             state = self._held(rank, fingerprint)
-            if state is None:
-                return {"error": f"rank {rank} of layout {fingerprint} is not held by the keeper of node {self.node}"}
-            return {"layout": state.plan.get("layout"), "nbytes": state.nbytes}
+            if state is not None:
+                return {"layout": state.plan.get("layout"), "nbytes": state.nbytes}
+            if (fingerprint, rank) in self.member_layouts:
+                return dict(self.member_layouts[(fingerprint, rank)])
+            return {"error": f"rank {rank} of layout {fingerprint} is not held by the keeper of node {self.node}"}
 
     def fetch_parity(self, gid: int, j: int, step: int) -> tuple[dict[str, Any], Optional[memoryview]]:
         with self.lock:
@@ -434,10 +455,13 @@ OPS: dict[str, tuple[Handler, dict[str, Field]]] = {
               {"rank": RANK, "step": STEP, "fp": Field("str", optional=True)}),
     "layout": (lambda k, h, p: (k.layout(h["rank"], h["fp"]), None), {"rank": RANK, "fp": Field("str")}),
     "parity_add": (lambda k, h, p: (k.parity_add(h["gid"], h["j"], h["step"], h["index"], h["members"], h["length"],
-                                                 h["fp"], h["epoch"], p), None),
+                                                 h["fp"], h["epoch"], p, h.get("k", 0), h.get("m", 0)), None),
                    {"gid": RANK, "j": PARITY, "step": STEP, "index": PARITY,
                     "members": Field("ints", upper=MAX_RANKS, count=256), "length": NBYTES,
-                    "fp": Field("str"), "epoch": Field("str")}),
+                    "fp": Field("str"), "epoch": Field("str"), "k": Field("int", upper=256, optional=True),
+                    "m": Field("int", upper=256, optional=True)}),
+    "member_layout": (lambda k, h, p: (k.member_layout(h["rank"], h["fp"], h["layout"], h["nbytes"]), None),
+                      {"rank": RANK, "fp": Field("str"), "layout": Field("dict"), "nbytes": NBYTES}),
     "fetch_parity": (lambda k, h, p: k.fetch_parity(h["gid"], h["j"], h["step"]),
                      {"gid": RANK, "j": PARITY, "step": STEP}),
     "persist": (lambda k, h, p: (k.persist(h), None),

@@ -22,6 +22,7 @@ from phalanx.checkpoint.reshard import coverage_problem, memory_metadata, reshar
 from phalanx.checkpoint.restore_plan import RestorePlan, plan_restore
 from phalanx.checkpoint.slots import KeeperSlots
 from phalanx.checkpoint.untrusted import CheckpointRefused
+from phalanx.checkpoint.wire import WireError
 from phalanx.errors import PhalanxError
 
 
@@ -84,13 +85,16 @@ class Restorer:
 
     def _reshard_memory(self, other: "OtherLayout", template_fn: StateFn, stored: Optional[int]
                         ) -> Optional[tuple[dict[str, Any], int, dict[str, Any]]]:
-        """This rank's state from another layout's blocks of `other.step` in keeper memory (reshard.py); None,
-        on every rank, when the blocks left do not hold the whole state (collective)."""
+        """This rank's state from another layout's blocks of `other.step` in keeper memory (reshard.py), a block
+        lost with its node decoded from its erasure group's survivors; None, on every rank, when what is left
+        does not hold the whole state (collective)."""
         layouts, problem = {}, None
-        for rank, node in other.holders.items():
-            reply, _ = self.peers.call(node, "layout", rank=rank, fp=other.fingerprint)
-            if "error" in reply:
-                problem = reply["error"]
+        decoded = other.decodable()
+        for rank, node in [*other.holders.items(), *((r, entries[0][0]) for r, entries in decoded.items())]:
+            try:
+                reply, _ = self.peers.call(node, "layout", rank=rank, fp=other.fingerprint)
+            except WireError as err:
+                problem = str(err)
                 break
             layouts[rank] = FlatLayout.from_json(reply["layout"])
         template = template_fn()
@@ -103,19 +107,27 @@ class Restorer:
             return None
 
         def fetch(rank: int) -> torch.Tensor:
+            if rank not in other.holders:
+                codec = ErasureCodec(decoded[rank][0][1]["k"], decoded[rank][0][1]["m"])
+                block = decode_member(rank, codec, decoded[rank], lambda r: fetch(r) if r in other.holders else None,
+                                      self._parity_fetcher(other.step))
+                return block[: layouts[rank].nbytes]
             _, payload = self.peers.call(other.holders[rank], "fetch", rank=rank, step=other.step,
                                          fp=other.fingerprint, limit=layouts[rank].nbytes)
             return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
         state, read = reshard(template, layouts, fetch, self.rank_local_keys,
-                              prefer=lambda rank: other.holders[rank] == self.node)
+                              prefer=lambda rank: other.holders.get(rank) == self.node)
         held = (f"all {other.world} ranks" if len(other.holders) == other.world else
                 f"ranks {', '.join(map(str, other.holders))} of the {other.world} ranks (the others' blocks of it are "
-                f"lost or incomplete; these hold the whole state)")
+                f"lost or incomplete; " + (f"rank {', '.join(map(str, decoded))} decoded from erasure parity; "
+                                           if decoded else "") + "these hold the whole state)")
         reason = (f"step {other.step} is in keeper memory for {held} of the {other.parallel} layout" +
                   (f"; storage's newest is step {stored}" if stored is not None else ""))
-        return state, other.step, {"tier": "keeper (resharded)", "reason": reason,
-                                   "resharded_from": other.parallel}
+        info = {"tier": "keeper (resharded)", "reason": reason, "resharded_from": other.parallel}
+        if set(read) & set(decoded):
+            info["decoded"] = sorted(set(read) & set(decoded))
+        return state, other.step, info
 
     def _refuse_if_all_refused(self) -> None:
         """A run whose storage holds committed checkpoints, none of them usable, does not start over on top of
@@ -152,26 +164,45 @@ class Restorer:
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
     def _decode(self, step: int, everyone: list[dict], sources: dict, measured: Measurement) -> torch.Tensor:
-        rank, k = self.rank, self.codec.k
         entries = [(inv["node"], e) for inv in everyone for e in inv["parity"]
-                   if e["step"] == step and rank in e["members"]]
-        members, length = entries[0][1]["members"], entries[0][1]["length"]
-        blocks: dict[int, torch.Tensor] = {}
-        for index in range(len(members), k):  # the virtual zero members of a short group
-            blocks[index] = torch.zeros(length, dtype=torch.uint8)
-        for index, member in enumerate(members):
-            kind, node = sources.get(member, (None, None))
-            if member != rank and kind == "data":
-                block = self._fetch_block(node, member, step, measured)
-                blocks[index] = _padded(block, length)
-        for node, entry in entries:
-            if len(blocks) >= k:
-                break
+                   if e["step"] == step and self.rank in e["members"]]
+
+        def member(rank: int) -> Optional[torch.Tensor]:
+            kind, node = sources.get(rank, (None, None))
+            return self._fetch_block(node, rank, step, measured) if kind == "data" else None
+
+        return decode_member(self.rank, self.codec, entries, member, self._parity_fetcher(step))[: measured.layout.nbytes]
+
+    def _parity_fetcher(self, step: int) -> Callable[[int, dict[str, Any]], torch.Tensor]:
+        def fetch(node: int, entry: dict[str, Any]) -> torch.Tensor:
             _, payload = self.peers.call(node, "fetch_parity", gid=entry["gid"], j=entry["j"], step=step,
-                                         limit=max(measured.block_lengths[m] for m in members))
-            blocks[k + entry["j"]] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        data = self.codec.decode(dict(sorted(blocks.items())[:k]) if len(blocks) > k else blocks)
-        return data[members.index(rank)][: measured.layout.nbytes].clone()
+                                         limit=entry["length"])
+            return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+        return fetch
+
+
+def decode_member(rank: int, codec: ErasureCodec, entries: list[tuple[int, dict[str, Any]]],
+                  member: Callable[[int], Optional[torch.Tensor]], parity: Callable[[int, dict[str, Any]], torch.Tensor]
+                  ) -> torch.Tensor:
+    """Rank `rank`'s block rebuilt from its group: `entries` are (node, parity inventory entry) of the group's step,
+    `member(r)` a surviving member's block (None if lost), `parity(node, entry)` a parity block; any k of the
+    group's blocks, its short group's virtual zero members included, rebuild the rest."""
+    members, length = entries[0][1]["members"], entries[0][1]["length"]
+    blocks: dict[int, torch.Tensor] = {}
+    for index in range(len(members), codec.k):  # the virtual zero members of a short group
+        blocks[index] = torch.zeros(length, dtype=torch.uint8)
+    for index, other in enumerate(members):
+        block = member(other) if other != rank else None
+        if block is not None:
+            blocks[index] = _padded(block, length)
+    for node, entry in entries:
+        if len(blocks) >= codec.k:
+            break
+        if codec.k + entry["j"] not in blocks:
+            blocks[codec.k + entry["j"]] = parity(node, entry)
+    data = codec.decode(dict(sorted(blocks.items())[: codec.k]) if len(blocks) > codec.k else blocks)
+    return data[members.index(rank)].clone()
 
 
 def _usable(inventory: Optional[dict[str, Any]], node: int, measured: Optional[Measurement]) -> dict[str, Any]:
@@ -193,14 +224,29 @@ class OtherLayout:
     holders: dict[int, int]  # its rank -> a node whose keeper holds that rank's block of the step
     world: int  # its ranks: the blocks of those not in `holders` were lost
     parallel: str  # its `Layout.name()`
+    parity: tuple[tuple[int, dict[str, Any]], ...] = ()  # (node, complete parity entry) of the step
+
+    def decodable(self) -> dict[int, list[tuple[int, dict[str, Any]]]]:
+        """Lost rank -> the parity entries of its group that rebuild it from the group's surviving blocks."""
+        out = {}
+        for rank in range(self.world):
+            entries = [(node, e) for node, e in self.parity if rank in e["members"] and e.get("k") and e.get("m")]
+            if rank in self.holders or not entries:
+                continue
+            k, members = entries[0][1]["k"], entries[0][1]["members"]
+            have = sum(r in self.holders for r in members) + (k - len(members)) + len({e["j"] for _, e in entries})
+            if have >= k:
+                out[rank] = entries
+        return out
 
 
 def other_layouts_in_memory(inventories: list[Optional[dict[str, Any]]], mine: Optional[str]) -> list[OtherLayout]:
     """The steps of layouts other than `mine` (fingerprint) of which keepers hold blocks, newest first (the most
-    blocks first among equally new ones), from every rank's raw keeper inventory (registered and retired ranks).
-    Whether a step's blocks hold the whole state is for `reshard.coverage_problem` to say (replicas may stand in
-    for lost ranks)."""
+    blocks first among equally new ones), from every rank's raw keeper inventory (registered and retired ranks),
+    with the parity of each step. Whether a step's blocks hold the whole state is for `reshard.coverage_problem`
+    to say (replicas and erasure decodes may stand in for lost ranks)."""
     held: dict[tuple[str, int], dict[int, int]] = {}  # (fingerprint, step) -> {its rank: node}
+    parity: dict[tuple[str, int], dict[tuple[int, int], tuple[int, dict]]] = {}  # -> {(gid, j): (node, entry)}
     about: dict[str, tuple[int, str]] = {}  # fingerprint -> (world, parallel)
     for inventory in inventories:
         if inventory is None:
@@ -212,7 +258,12 @@ def other_layouts_in_memory(inventories: list[Optional[dict[str, Any]]], mine: O
             about[entry["fp"]] = (entry["world"], entry.get("parallel") or f"{entry['world']}-rank")
             for step, _slot in entry["steps"]:
                 held.setdefault((entry["fp"], step), {})[entry["rank"]] = inventory["node"]
-    return [OtherLayout(fingerprint, step, dict(sorted(holders.items())), *about[fingerprint])
+        for entry in inventory.get("parity", []):
+            if entry.get("fp") and entry["fp"] != mine:
+                parity.setdefault((entry["fp"], entry["step"]), {})[(entry["gid"], entry["j"])] = (inventory["node"],
+                                                                                                   entry)
+    return [OtherLayout(fingerprint, step, dict(sorted(holders.items())), *about[fingerprint],
+                        tuple(parity.get((fingerprint, step), {}).values()))
             for (fingerprint, step), holders in sorted(held.items(), key=lambda item: (-item[0][1], -len(item[1])))]
 
 

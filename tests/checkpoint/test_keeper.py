@@ -160,6 +160,33 @@ def test_slots_parity_and_stale_steps(keeper):
     client.close()
 
 
+def test_a_parity_holder_keeps_its_members_layouts_until_a_new_layout_commits(keeper):
+    """A member lost with its node is decoded from its group; resharding it into another layout needs its flat
+    layout, so the parity holder asks each member once for it and serves it. A new layout's first commit drops
+    the old layout's parity and layouts with the rest of its memory."""
+    _, port = keeper
+    client = KeeperClient("127.0.0.1", port, SECRET, timeout=5)
+    client.call("register", rank=0, nbytes=64, plan={"fingerprint": "old"})
+    parity = dict(gid=0, j=0, step=5, members=[2, 3], length=16, fp="old", epoch="a", k=2, m=1)
+    reply = client.call("parity_add", payload=memoryview(b"\x01" * 16), index=0, **parity)[0]
+    assert reply["need_layout"] and not reply["complete"]
+    client.call("member_layout", rank=2, fp="old", layout={"leaves": [], "skeleton_capacity": 8}, nbytes=16)
+    assert client.call("layout", rank=2, fp="old")[0] == {"layout": {"leaves": [], "skeleton_capacity": 8},
+                                                         "nbytes": 16}
+    assert client.call("parity_add", payload=memoryview(b"\x02" * 16), index=1, **parity)[0]["need_layout"]
+    with pytest.raises(WireError, match="holds no parity of rank 5"):
+        client.call("member_layout", rank=5, fp="old", layout={}, nbytes=16)
+    assert client.call("inventory")[0]["parity"][0]["k"] == 2
+    paths = client.call("register", rank=0, nbytes=64, plan={"fingerprint": "new"})[0]["paths"]
+    slot = client.call("begin", rank=0, step=6)[0]["slot"]
+    assert paths[slot]
+    client.call("complete", rank=0, slot=slot, step=6)
+    assert client.call("inventory")[0]["parity"] == []
+    with pytest.raises(WireError, match="rank 2 of layout old is not held"):
+        client.call("layout", rank=2, fp="old")
+    client.close()
+
+
 @pytest.mark.parametrize("nodes,ranks_per_node,k,m", [(3, 1, 2, 1), (4, 2, 2, 1), (5, 3, 3, 2), (8, 4, 4, 2)])
 def test_erasure_groups_put_members_and_parity_on_distinct_nodes(nodes, ranks_per_node, k, m):
     node_of_rank = [r // ranks_per_node for r in range(nodes * ranks_per_node)]

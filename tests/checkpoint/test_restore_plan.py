@@ -87,6 +87,22 @@ def test_other_layouts_are_offered_newest_first_and_this_launchs_own_never():
         (8, {0: 0}, 2, "layout old"), (7, {0: 0, 1: 1}, 2, "layout old")]
 
 
+def test_another_layouts_lost_rank_is_decodable_from_its_group_survivors_and_parity():
+    from phalanx.checkpoint.restore import OtherLayout
+
+    def parity(gid: int, members: list[int], j: int = 0, k: int = 2, m: int = 1) -> tuple[int, dict]:
+        return (9, {"gid": gid, "j": j, "step": 4, "members": members, "length": 16, "fp": "old", "k": k, "m": m})
+
+    # ranks 0 and 2 on the lost node: 2's group {3, 2} has its parity and member 3; 0's group {0, 1} has no parity
+    other = OtherLayout("old", 4, {1: 0, 3: 1}, 4, "dp4", (parity(1, [3, 2]),))
+    assert list(other.decodable()) == [2]
+    # a group that lost both members with one parity block is not; a short group's virtual member counts
+    assert OtherLayout("old", 4, {0: 0}, 3, "dp3", (parity(0, [1, 2]),)).decodable() == {}
+    assert list(OtherLayout("old", 4, {0: 0, 1: 0}, 3, "dp3", (parity(1, [2]),)).decodable()) == [2]
+    # parity an older keeper wrote without its code (k, m) cannot be decoded
+    assert OtherLayout("old", 4, {1: 0, 3: 1}, 4, "dp4", (parity(1, [3, 2], k=0),)).decodable() == {}
+
+
 def test_blocks_of_another_layout_fill_any_template_and_a_lost_shard_is_named():
     """Two old ranks each hold half the rows of `w` (a sharded weight) and all of `b` (replicated); a one-rank
     template is filled from both, takes the non-tensor values from the first, and leaves out per-rank state.
