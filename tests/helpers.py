@@ -118,7 +118,7 @@ def load_checkpoint(path: Path, rank_local: bool = True) -> dict:
     if not out.exists():
         dcp_to_torch_save(str(path), str(out))
     state = torch.load(out, weights_only=False)
-    from phalanx.checkpoint.persistent import read_rank_local
+    from phalanx.checkpoint.vetted import read_rank_local
 
     for rank_file in sorted(Path(path).glob("rank-*.safetensors")) if rank_local else []:
         state[rank_file.stem] = read_rank_local(rank_file.read_bytes())

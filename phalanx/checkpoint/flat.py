@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Optional
 
 import numpy as np
@@ -21,23 +21,8 @@ import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
 from torch.distributed.tensor import DTensor
 
+from phalanx.checkpoint.leaves import ALIGN, HEADER, LeafMeta
 from phalanx.errors import PhalanxError
-
-ALIGN = 64  # bytes; every tensor starts on a cache line so typed views of the region are legal
-HEADER = 8  # little-endian length of the skeleton JSON at the start of a block
-
-
-@dataclass(frozen=True)
-class LeafMeta:
-    """Where one tensor leaf lives in the region, and where its chunk sits in the global tensor."""
-
-    fqn: str
-    dtype: str  # e.g. "float32"
-    shape: list[int]  # local (this rank's chunk)
-    offset: int  # into the tensor region
-    nbytes: int
-    global_shape: list[int]
-    global_offset: list[int]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

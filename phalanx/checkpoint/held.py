@@ -1,8 +1,9 @@
 """What a keeper holds for a rank: its snapshot slots (shared-memory files) and the plan it registered
 (flat layout, persistence plan, fingerprint, world size and parallel layout of the launch); and the parity
 blocks of its erasure groups, with the flat layouts of their members (a member lost with its node is decoded
-and, when a launch of another layout restores, resharded: its layout must outlive it). A launch of another layout registering a rank retires that rank's memory
-(kept aside under its fingerprint) until the new layout commits a step, so the new launch can reshard it."""
+and, when a launch of another layout restores, resharded: its layout must outlive it). A launch of another
+layout registering a rank retires that rank's memory (kept aside under its fingerprint) until the new layout
+commits a step, so the new launch can reshard it."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ A keeper holds, for every rank of its node, three snapshot slots in shared-memor
 maps and fills (the newest complete one, the one filling, and one a persistence write may pin), the
 parity blocks of the erasure groups it serves, and a thread that writes committed snapshots to the
 persistent tier (`persistent.py`) while the run trains — the keeper, not the trainer, pays for that
-storage I/O (a step the run stops to wait for, its trainers write themselves). It loads torch only for a
-run that persists while it trains (`persists_while_training`, `register`'s `warm`). A rank registered
+storage I/O (a step the run stops to wait for, its trainers write themselves). It never loads torch: it
+writes torch's formats itself (`torchfmt.py`), and loads the persistent tier early only for a run that persists
+while it trains (`persists_while_training`, `register`'s `warm`). A rank registered
 again by a launch of another layout keeps its earlier memory aside (`held.py`) until the new layout
 commits a step, so that launch can reshard it (`reshard.py`). It listens on
 one TCP port of the cluster's interface (loopback for a local run); every connection proves it has
@@ -46,7 +47,7 @@ MAX_BLOCK_BYTES = 1 << 48
 
 def persists_while_training(cfg: Any) -> bool:
     """Whether a run asks its keepers for a persistent write before its last step (the last one its
-    trainers write): then its keepers load torch and the persistent tier as they start."""
+    trainers write): then its keepers load the persistent tier as they start."""
     return 0 < cfg.checkpoint.persist_every < cfg.train.steps
 
 
@@ -95,15 +96,15 @@ class Keeper:
         self.clients = 0
         self.last_activity = time.monotonic()
         self.stop_requested = False
-        self.warming = False  # torch and the persistent tier load in the background, once
+        self.warming = False  # the persistent tier loads in the background, once
 
     # ---- memory ---------------------------------------------------------------------------
 
     def register(self, rank: int, nbytes: int, plan: dict[str, Any], max_block: int = 0,
                  warm: bool = False) -> dict[str, Any]:
         """Slots for `rank`; `max_block`, the largest block of any rank, bounds the parity it may receive.
-        `warm`: the run persists while it trains, so torch and the persistent tier load now, while it warms
-        up, not on its first persist (seconds of CPU a keeper that only holds snapshots never spends)."""
+        `warm`: the run persists while it trains, so the persistent tier (fsspec) loads now, while it warms up,
+        not on its first persist."""
         if warm:
             self.warm_up()
         with self.lock:
@@ -135,7 +136,7 @@ class Keeper:
             return {"paths": [s.path for s in state.slots]}
 
     def warm_up(self) -> None:
-        """Load torch and the persistent tier in the background, once."""
+        """Load the persistent tier (fsspec; never torch: `torchfmt.py` writes its formats) in the background."""
         with self.lock:
             if self.warming:
                 return
@@ -243,7 +244,8 @@ class Keeper:
             if len(payload):
                 dst = np.frombuffer(target.buffer, dtype=np.uint8, count=len(payload))
                 np.bitwise_xor(dst, np.frombuffer(payload, dtype=np.uint8), out=dst)
-            return {"complete": target.complete, "need_layout": (fingerprint, members[index]) not in self.member_layouts}
+            known = (fingerprint, members[index]) in self.member_layouts
+            return {"complete": target.complete, "need_layout": not known}
 
     def member_layout(self, rank: int, fingerprint: str, layout: dict[str, Any], nbytes: int) -> dict[str, Any]:
         """The flat layout of a member of a group whose parity this keeper holds (`layout` serves it)."""

@@ -46,8 +46,7 @@ class PersistClient:
         Collective.
 
         The ranks write their own files: the run waits for this write, so there is no training left for a
-        keeper to take it off, and a keeper asked now may first have to load torch and DCP (seconds, more
-        than a small run's write). A step a keeper was already asked to persist is left to it; every earlier
+        keeper to take it off. A step a keeper was already asked to persist is left to it; every earlier
         keeper write finishes first, so retention never meets a step still being written."""
         deadline = time.monotonic() + self.timeout
         for earlier in sorted(self.requested):

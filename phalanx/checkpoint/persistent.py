@@ -12,36 +12,32 @@ verify, is named and its checkpoint skipped. Nothing read back can run code or a
 files (`untrusted.py`): the DCP metadata is parsed by an exact allow-list and checked against the
 manifest, DCP items are bounded and load with `weights_only=True`, rank-local files are safetensors
 and JSON.
+Writing, listing and retention never import torch (a keeper runs them): the bytes torch and DCP would
+write come from `torchfmt.py`; reading a checkpoint back goes through DCP (`vetted.py`) and imports it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
-import pickle
 import re
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import fsspec
-import torch
-from torch.distributed.checkpoint import state_dict_loader
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
 
-from phalanx.checkpoint.flat import FlatLayout, _decode, flatten_state_dict, read_skeleton_values, to_dtype
+from phalanx.checkpoint.leaves import LeafMeta, leaf_bytes, skeleton_bytes
 from phalanx.checkpoint.signing import mac, sign, signature_problem
+from phalanx.checkpoint.torchfmt import Buffer, decode, metadata_pickle, safetensors_bytes, tensor_item, value_item
 from phalanx.checkpoint.untrusted import (FORMAT, MANIFEST, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_METADATA_BYTES,
-                                          CheckpointRefused, check_torch_item, parse_manifest, read_metadata,
-                                          reading, safetensors_skeleton)
+                                          CheckpointRefused, parse_manifest, safetensors_skeleton)
 from phalanx.errors import ConfigError, PhalanxError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from phalanx.checkpoint.flat import FlatLayout
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -57,6 +53,10 @@ def persist_plan(state: dict[str, Any], layout: FlatLayout, rank_local_keys: tup
                  all_gather: Callable[[Any], list[Any]]) -> dict[str, Any]:
     """This rank's share of a persisted checkpoint: the DCP items it writes (each chunk held by several
     ranks is written once, by the least-loaded holder, as DCP's dedup does) and its rank-local leaves."""
+    import torch  # the trainer plans (it holds torch already); a keeper only follows the plan
+
+    from phalanx.checkpoint.flat import flatten_state_dict
+
     flat, mapping = flatten_state_dict(state)
     local = {fqn for fqn, path in mapping.items() if path[0] in rank_local_keys}
     chunks = [(leaf.fqn, tuple(leaf.global_offset), leaf.nbytes) for leaf in layout.leaves if leaf.fqn not in local]
@@ -85,41 +85,6 @@ def persist_plan(state: dict[str, Any], layout: FlatLayout, rank_local_keys: tup
         "local_tensors": [i for i, leaf in enumerate(layout.leaves) if leaf.fqn in local],
         "local_fqns": sorted(local),
     }
-
-
-# ---- loading: only vetted bytes reach DCP ----------------------------------------------------
-
-
-class VettedReader(FsspecReader):
-    """DCP's fsspec reader over metadata phalanx already parsed and checked (`untrusted.read_metadata`);
-    each item is read within its bounds and its zip records checked before `torch.load` sees it."""
-
-    def __init__(self, path: str, metadata: Metadata):
-        super().__init__(path)
-        self._metadata = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if getattr(self._metadata, "storage_meta", None) is None:
-            self._metadata.storage_meta = StorageMeta()
-        self._metadata.storage_meta.load_id = self.load_id
-        return self._metadata
-
-    def _slice_file(self, file: Any, sinfo: _StorageInfo) -> io.BytesIO:
-        file.seek(sinfo.offset)
-        data = file.read(sinfo.length)
-        where = f"{self.path}/{sinfo.relative_path} at byte {sinfo.offset}"
-        if len(data) != sinfo.length:
-            raise CheckpointRefused(f"{where}: the item is cut short ({len(data)} of {sinfo.length} bytes): refused")
-        check_torch_item(data, where)
-        return io.BytesIO(data)
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        from torch.distributed.checkpoint._nested_dict import set_element
-
-        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
-                    torch.load(value, weights_only=True))
 
 
 class CheckpointStore:
@@ -241,6 +206,8 @@ class CheckpointStore:
 
     def read_metadata(self, step: int, manifest: Optional[dict[str, Any]] = None) -> Metadata:
         """The DCP metadata of `step`, parsed without running code and checked against its manifest."""
+        from phalanx.checkpoint.untrusted_metadata import read_metadata
+
         manifest = manifest or self.read_manifest(step)
         path = self._file(step, ".metadata")
         files = {name: entry["bytes"] for name, entry in manifest["files"].items()}
@@ -282,42 +249,36 @@ class CheckpointStore:
         """This rank's DCP items and rank-local file from a snapshot block, then its results record."""
         if self.manifest(step) is not None:
             return  # already persisted (a relaunch reached the same step): never rewritten
-        from safetensors.torch import save as save_safetensors
-
-        layout = FlatLayout.from_json(plan["layout"])
-        data = torch.frombuffer(block, dtype=torch.uint8)
-        views = layout.views(data)
-        length = int.from_bytes(bytes(block[:8]), "little")
-        raw = json.loads(bytes(block[8: 8 + length]))
+        layout = plan["layout"]
+        leaves = [LeafMeta(**leaf) for leaf in layout["leaves"]]
+        raw = json.loads(skeleton_bytes(block, layout["skeleton_capacity"]))
         # Only the shared values this rank writes are decoded; rank-local ones travel as their JSON, and
         # an object JSON cannot hold (a loss scaler) comes from the loading trainer, so it is not written.
-        values = {fqn: _decode(raw["values"][fqn]) for fqn in plan["write_values"]
+        values = {fqn: decode(raw["values"][fqn]) for fqn in plan["write_values"]
                   if not (isinstance(raw["values"][fqn], dict) and "__template__" in raw["values"][fqn])}
         self.fs.makedirs(self.path(step), exist_ok=True)
         items, files = [], {}
         name = f"__{rank}_0.distcp"
         digest, position = _digest(), 0
         with self.fs.open(self._file(step, name), "wb") as f:
-            def put(buffer: io.BytesIO) -> tuple[int, int]:
+            def put(pieces: list[Buffer]) -> tuple[int, int]:
                 nonlocal position
-                payload = buffer.getbuffer()
-                f.write(payload)
-                digest.update(payload)
-                start, position = position, position + len(payload)
-                return start, len(payload)
+                start = position
+                for piece in pieces:
+                    f.write(piece)
+                    digest.update(piece)
+                    position += len(piece)
+                return start, position - start
 
             for i in plan["write_tensors"]:
-                leaf, buffer = layout.leaves[i], io.BytesIO()
-                torch.save(views[i].clone(), buffer)
-                offset, size = put(buffer)
+                leaf = leaves[i]
+                offset, size = put(tensor_item(leaf.dtype, leaf.shape, leaf_bytes(block, layout, i)))
                 items.append({"fqn": leaf.fqn, "path": raw["mapping"][leaf.fqn], "kind": "tensor",
                               "dtype": leaf.dtype, "size": leaf.global_shape,
                               "offsets": leaf.global_offset, "lengths": leaf.shape, "file": name,
                               "offset": offset, "length": size})
             for fqn in [f for f in plan["write_values"] if f in values]:
-                buffer = io.BytesIO()
-                torch.save(values[fqn], buffer)
-                offset, size = put(buffer)
+                offset, size = put(value_item(values[fqn]))
                 items.append({"fqn": fqn, "path": raw["mapping"][fqn], "kind": "bytes", "file": name,
                               "offset": offset, "length": size})
         files[name] = {"bytes": position, "blake2b": digest.hexdigest()}
@@ -325,8 +286,9 @@ class CheckpointStore:
             local = set(plan["local_fqns"])
             skeleton = {"values": {k: v for k, v in raw["values"].items() if k in local},
                         "mapping": {k: v for k, v in raw["mapping"].items() if k in local}}
-            tensors = {layout.leaves[i].fqn: views[i].clone() for i in plan["local_tensors"]}
-            payload = save_safetensors(tensors, metadata={"skeleton": json.dumps(skeleton), "format": FORMAT})
+            tensors = {leaves[i].fqn: (leaves[i].dtype, leaves[i].shape, leaf_bytes(block, layout, i))
+                       for i in plan["local_tensors"]}
+            payload = b"".join(safetensors_bytes(tensors, {"skeleton": json.dumps(skeleton), "format": FORMAT}))
             name = f"rank-{rank}.safetensors"
             self.fs.pipe_file(self._file(step, name), payload)
             digest = _digest()
@@ -357,24 +319,10 @@ class CheckpointStore:
                                    f"results records were not this run's); the checkpoint stays incomplete and is "
                                    f"never loaded")
             time.sleep(0.05)
-        state_meta: dict[str, Any] = {}
-        storage: dict[MetadataIndex, _StorageInfo] = {}
         files: dict[str, Any] = {}
-        paths: dict[str, tuple] = {}  # fqn -> path in the nested state: DCP's planner_data, for unflattening
         for record in records:
             files.update(record["files"])
-            for item in record["items"]:
-                paths[item["fqn"]] = tuple(item["path"])
-                info_ = _StorageInfo(item["file"], item["offset"], item["length"])
-                if item["kind"] == "bytes":
-                    state_meta[item["fqn"]] = BytesStorageMetadata()
-                    storage[MetadataIndex(item["fqn"])] = info_
-                    continue
-                meta = state_meta.setdefault(item["fqn"], TensorStorageMetadata(
-                    TensorProperties(dtype=to_dtype(item["dtype"])), torch.Size(item["size"]), []))
-                meta.chunks.append(ChunkStorageMetadata(torch.Size(item["offsets"]), torch.Size(item["lengths"])))
-                storage[MetadataIndex(item["fqn"], torch.Size(item["offsets"]))] = info_
-        metadata = pickle.dumps(Metadata(state_dict_metadata=state_meta, planner_data=paths, storage_data=storage))
+        metadata = metadata_pickle(records)
         self.fs.pipe_file(self._file(step, ".metadata"), metadata)
         digest = _digest()
         digest.update(metadata)
@@ -424,6 +372,11 @@ class CheckpointStore:
              rank_local_keys: tuple[str, ...]) -> dict[str, Any]:
         """Fill `template` (a freshly built trainer's state) from checkpoint `step`. Collective when
         distributed. CheckpointRefused when its bytes are not a loadable phalanx checkpoint."""
+        from torch.distributed.checkpoint import state_dict_loader
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from phalanx.checkpoint.vetted import SafeLoadPlanner, VettedReader, first_failure, read_rank_local
+
         self._forget_listings()
         try:
             manifest = self.read_manifest(step)
@@ -440,7 +393,7 @@ class CheckpointStore:
             state_dict_loader.load(shared, storage_reader=VettedReader(self.step_url(step), metadata),
                                    planner=SafeLoadPlanner())
         except CheckpointException as err:
-            raise CheckpointRefused(f"{self.path(step)}: DCP could not load it: {_first_failure(err)}") from None
+            raise CheckpointRefused(f"{self.path(step)}: DCP could not load it: {first_failure(err)}") from None
         state = {**template, **shared}
         name = f"rank-{rank}.safetensors"
         if manifest["world_size"] == world_size and name in manifest["files"]:
@@ -452,27 +405,3 @@ class CheckpointStore:
                 state.pop(key, None)
         return state
 
-
-def _first_failure(err: CheckpointException) -> str:
-    """The first rank's failure of a DCP load, as one line (its own refusal when phalanx raised it)."""
-    failures = list(getattr(err, "failures", {}).values())
-    cause = failures[0] if failures else err
-    cause = getattr(cause, "exc", cause)  # CheckpointException wraps each rank's error with its traceback
-    return str(cause).splitlines()[0][:300] if str(cause) else type(cause).__name__
-
-
-def read_rank_local(payload: bytes, template: Optional[dict[str, Any]] = None,
-                    where: str = "rank file") -> dict[str, Any]:
-    """A `rank-R.safetensors` file as the nested rank-local state (tensors placed like `template`'s)."""
-    from safetensors.torch import load as load_safetensors
-    from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
-
-    from phalanx.checkpoint.flat import _as_template
-
-    skeleton = safetensors_skeleton(payload, len(payload), where)
-    with reading(where):
-        tensors = load_safetensors(payload)
-        values, mapping = read_skeleton_values(skeleton, template)
-    template_flat = flatten_state_dict(template)[0] if template else {}
-    flat = {**values, **{k: _as_template(v, template_flat.get(k)) for k, v in tensors.items()}}
-    return unflatten_state_dict(flat, mapping)

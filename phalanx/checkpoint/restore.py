@@ -171,7 +171,8 @@ class Restorer:
             kind, node = sources.get(rank, (None, None))
             return self._fetch_block(node, rank, step, measured) if kind == "data" else None
 
-        return decode_member(self.rank, self.codec, entries, member, self._parity_fetcher(step))[: measured.layout.nbytes]
+        block = decode_member(self.rank, self.codec, entries, member, self._parity_fetcher(step))
+        return block[: measured.layout.nbytes]
 
     def _parity_fetcher(self, step: int) -> Callable[[int, dict[str, Any]], torch.Tensor]:
         def fetch(node: int, entry: dict[str, Any]) -> torch.Tensor:

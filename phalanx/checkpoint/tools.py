@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from phalanx.checkpoint.persistent import MANIFEST, CheckpointStore, SafeLoadPlanner, VettedReader
+from phalanx.checkpoint.persistent import MANIFEST, CheckpointStore
+from phalanx.checkpoint.vetted import SafeLoadPlanner, VettedReader
 from phalanx.errors import PhalanxError
 
 MODEL_PREFIX = "model."

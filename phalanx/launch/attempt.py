@@ -83,7 +83,7 @@ class AttemptLauncher:
 
     def keeper(self, node_id: str, node: int, warm: bool) -> None:
         """A keeper actor on Ray node `node_id` for node index `node`, unless one there answers; `warm`: it
-        loads torch and the persistent tier at once (`keeper.persists_while_training`)."""
+        loads the persistent tier at once (`keeper.persists_while_training`)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -27,9 +27,10 @@ pytestmark = pytest.mark.slow
 
 # name -> (layout A as test_loss_curves names it, or "one:" + its name for its one-process run;
 #          overrides and world of layout B on A's config). pp2 x dp2 -> dp2: the last test, from keeper memory.
-# A resumed run persists only at its end (the same trajectory: persisting is not training), so its keepers never
-# load torch for writes while it trains: seconds of CPU per run.
+# A resumed run persists only at its end (the same trajectory: persisting is not training): fewer writes per run.
 AT_THE_END = ["checkpoint.persist_every=0"]
+# A killed run's keepers wait for its relaunch (run_overrides' 60 s can pass on a loaded machine before it restores)
+WAIT = "checkpoint.keeper_linger_s=600"
 FOUR = ["model.n_layers=4"]  # interleaved pp2: 2 model chunks per stage, a block each
 # layouts A of the matrix that test_loss_curves does not train: (config, world, overrides)
 OWN = {"pp2-interleaved": ("tiny_pp.yaml", 2, ["parallel.dp=1", "parallel.pp_schedule=interleaved", *FOUR])}
@@ -98,7 +99,7 @@ def test_a_block_lost_with_its_node_is_decoded_and_resharded(reference_run, tmp_
     run_dir = root / "t"
     resumed = copy_back(ref, run_dir, STEPS - 4)
     with pytest.raises(RuntimeError, match="died"):
-        train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, "checkpoint.simulate_nodes=3"), 4)
+        train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, WAIT, "checkpoint.simulate_nodes=3"), 4)
     sigkill(keeper_pid(run_dir, 2))
     train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, "checkpoint.simulate_nodes=2", "parallel.sp=1",
                                       "parallel.dp=2", "parallel.dp_backend=ddp"), 2)
@@ -141,7 +142,7 @@ def test_zero_partitions_reshard_to_another_stage_world_and_back_end(reference_r
     root, kill = tmp_path / "run", "fault.inject=[kill:rank=3:step=14,kill:rank=1:step=16]"
     run_dir = root / "t"
     resumed = copy_back(ref, run_dir, 12)
-    zero3 = [*COMMON, "checkpoint.persist_every=1", kill, "parallel.zero_stage=3"]
+    zero3 = [*COMMON, "checkpoint.persist_every=1", kill, WAIT, "parallel.zero_stage=3"]
     for world in (4, 2):
         with pytest.raises(RuntimeError, match="died"):
             train_local(config, run_overrides(root, *zero3, f"parallel.dp={world}"), world)
@@ -167,7 +168,7 @@ def test_a_run_that_lost_a_node_goes_on_on_the_survivor_from_keeper_memory(refer
     root, kill = tmp_path / "run", "fault.inject=[kill:rank=3:step=18]"
     stored = copy_back(ref, root / "t", STEPS - 4)
     with pytest.raises(RuntimeError, match="died"):
-        train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, "parallel.order=dp,pp,sp",
+        train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, WAIT, "parallel.order=dp,pp,sp",
                                           "checkpoint.simulate_nodes=2"), world_a)
     sigkill(keeper_pid(root / "t", 1))
     train_local(config, run_overrides(root, *COMMON, *AT_THE_END, kill, "parallel.pp=1", "parallel.dp=2"), 2)

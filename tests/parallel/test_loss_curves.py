@@ -17,8 +17,8 @@ STEPS = 20
 # persisted every 4 steps: the resume tests start from copies of these runs back at step 16, or 12 (a persist is a
 # keeper's write, and ZeRO's snapshot a gather of its partitions: every one is seconds of a loaded machine)
 COMMON = [f"train.steps={STEPS}", "checkpoint.persist_every=4", "train.batch_size=8", "train.micro_batch_size=2"]
-# ZeRO's run persists at step 12 only (and at its end): a persist requested while the keeper still writes (or loads
-# torch to write) the previous one is skipped, and its copies would resume from an older step than they ask for
+# ZeRO's run persists at step 12 only (and at its end): its snapshot is a gather of its partitions, taken at persist
+# steps only, and a persist requested while the keeper still writes the previous one is skipped
 ZERO2 = ["checkpoint.persist_every=12"]
 ONE_PROCESS = ["parallel.dp=1", "parallel.sp=1", "parallel.ep=1", "parallel.pp=1", "parallel.dp_backend=ddp"]
 
