@@ -129,8 +129,10 @@ def format_table(p: Plan, top: int) -> str:
     return out.getvalue()
 
 
-def write_config(config_path: str, best: StepCost, out_path: str, force: bool = False) -> str:
-    """`config_path` with its parallel section (and train.micro_batch_size) replaced by `best`'s, at `out_path`."""
+def write_config(config_path: str, best: StepCost, out_path: str, force: bool = False,
+                 extra: Optional[list[str]] = None) -> str:
+    """`config_path` with its parallel section (and train.micro_batch_size) replaced by `best`'s, and the `extra`
+    overrides (`--failures`: checkpoint intervals and erasure code), at `out_path`."""
     import os
 
     from omegaconf import OmegaConf
@@ -139,7 +141,7 @@ def write_config(config_path: str, best: StepCost, out_path: str, force: bool = 
         raise ConfigError(f"'{out_path}' exists; pass --force to replace it or --write OTHER_PATH")
     original = OmegaConf.load(config_path)
     lay = best.layout
-    merged = OmegaConf.merge(original, OmegaConf.from_dotlist(lay.to_overrides()))
+    merged = OmegaConf.merge(original, OmegaConf.from_dotlist([*lay.to_overrides(), *(extra or [])]))
     header = (f"# written by `phalanx plan {config_path}`: {lay.name()}, order {','.join(lay.order)}, predicted "
               f"{best.step_s:.4g} s/step, {best.tokens_per_s:,.0f} tokens/s\n")
     with open(out_path, "w") as f:
@@ -149,6 +151,8 @@ def write_config(config_path: str, best: StepCost, out_path: str, force: bool = 
 
 def add_plan_arguments(parser: Any) -> None:
     import argparse
+
+    from phalanx.planner.failures_report import add_failure_arguments
 
     parser.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.batch_size=512")
@@ -165,6 +169,7 @@ def add_plan_arguments(parser: Any) -> None:
                         help="write the config with the recommended parallel section (default CONFIG.plan.yaml)")
     parser.add_argument("--force", action="store_true", help="with --write: replace an existing file")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    add_failure_arguments(parser)
 
 
 def _positive_arg(name: str, value: int) -> None:
@@ -201,13 +206,48 @@ def plan_command(args: Any) -> int:
         topo = load_topology(args.topology, args.nodes, args.gpus_per_node)
     else:
         topo = preset(args.device or "H100", args.nic, args.nodes, args.gpus_per_node, cfg.train.dtype)
+    searched = time.perf_counter()
     result = plan(cfg, topo)
     print(format_table(result, args.top), end="")
+    extra = _failures(cfg, args, result, topo, time.perf_counter() - searched) if args.failures else []
     if args.write is not None and result.best is not None:
         out = args.write or os.path.splitext(args.config)[0] + ".plan.yaml"
-        print(f"wrote {write_config(args.config, result.best, out, args.force)}")
+        print(f"wrote {write_config(args.config, result.best, out, args.force, extra)}")
     print(f"planned in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _failures(cfg: Any, args: Any, result: Plan, topo: Topology, replan_s: float) -> list[str]:
+    """`--failures`: print the goodput recommendation for the best layout; its config overrides for --write."""
+    import os
+
+    from dataclasses import replace
+
+    from phalanx.planner import failures_report as report
+    from phalanx.planner.goodput import GPU_CLUSTER
+
+    rates = report.rates_from_args(args)  # bad rates are refused before anything is measured
+    if result.best is None and args.terms is None:
+        raise ConfigError("--failures needs a layout that fits; add devices (--nodes / --gpus-per-node), shorten "
+                          "data.seq_len or shrink the model")
+    terms, source = None, f"preset '{GPU_CLUSTER.name}'"
+    preset = replace(GPU_CLUSTER, replan_s=replan_s)  # the controller replans with this same search
+    if args.terms:
+        from phalanx.planner.calibrate_failures import load_terms
+
+        terms, source = load_terms(args.terms), f"from {args.terms}"
+    elif args.calibrate:
+        from phalanx.planner.calibrate_failures import calibrate_failures, save_terms
+        from phalanx.planner.goodput import terms_for
+
+        preset = calibrate_failures(cfg, replan_s)
+        path = save_terms(terms_for(cfg, result.best, topo, preset), os.path.join(cfg.run.dir, "recovery_terms.json"))
+        source = f"calibrated on this machine, saved to {path}"
+    terms, rates, rec = report.recommend_for(cfg, result.best, topo, args, preset, terms)
+    print(report.format_failures(terms, rates, rec, topo.nodes, source, args.seed), end="")
+    if args.plot:
+        print(f"plotted {report.plot_ettr(terms, rates, args.plot, rec.steps, args.seed, topo.nodes)}")
+    return report.overrides(rec)
 
 
 def _calibrate(cfg: Any, args: Any) -> Topology:
