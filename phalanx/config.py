@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from phalanx import hfconfig
 from phalanx.errors import ConfigError
-from phalanx.faults import parse_injection
+from phalanx.faults import parse_faults
 
 
 @dataclass
@@ -172,7 +172,10 @@ class FaultConfig:
     # Tests and demos: "kill:rank=1:step=5", "hang:rank=1:step=5" (blocks before its next collective),
     # "slow:rank=1:step=3:factor=3" (every step from then on), "node:node=1:step=5" (controller: the node's
     # keeper and workers die), "kill_restoring:rank=0:step=5" (killed while restoring step 5 or later: a failure
-    # during recovery). Each fires once per run.
+    # during recovery). Each fires once per run. A random schedule, "random:kill_per_min=2:node_per_min=1:seed=0":
+    # kills of one rank and node losses (as "node") fired by the controller, each a Poisson process in wall time
+    # from the run's first step on (recoveries included), times and victims drawn from the seed; set max_restarts
+    # above the faults the run will meet.
     inject: list[str] = field(default_factory=list)
 
 
@@ -486,8 +489,7 @@ def validate_fields(cfg: PhalanxConfig, world_size: int, model_kinds: tuple[str,
     if cfg.fault.straggler_factor <= 1:
         raise ConfigError(f"fault.straggler_factor={cfg.fault.straggler_factor} must be > 1 (how many times the "
                           f"median busy time makes a straggler), e.g. 2.0")
-    for spec in cfg.fault.inject:
-        parse_injection(spec)
+    parse_faults(list(cfg.fault.inject))
     _positive("log.every", cfg.log.every)
     _one_of("log.progress", cfg.log.progress, ("auto", "bar", "lines", "none"))
     _one_of("log.wandb", cfg.log.wandb, ("disabled", "offline", "online"))

@@ -1,23 +1,28 @@
 """Fault injection for tests and demos: kill, hang or slow a rank at a step; kill a rank while it restores
-(a failure during recovery); lose a node (controller).
+(a failure during recovery); lose a node (controller); or a random schedule of kills and node losses
+(controller), Poisson in wall time from a seed, for measuring goodput against the planner's simulator.
 
-Each injection fires once per run: the victim records `fault_injected` in `events.jsonl` before it
-acts, and a relaunch that replays the step skips it.
+Each injection fires once per run: the victim (the controller for node losses and random faults) records
+`fault_injected` in `events.jsonl` before it acts, and a relaunch that replays the step skips it.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from phalanx.errors import ConfigError
 from phalanx.events import read_events
 
 KINDS = {"kill": ("rank", "step"), "hang": ("rank", "step"), "slow": ("rank", "step", "factor"),
          "node": ("node", "step"), "kill_restoring": ("rank", "step")}
+RANDOM = "random"
+RANDOM_FIELDS = ("kill_per_min", "node_per_min", "seed")
+RANDOM_EXAMPLE = "random:kill_per_min=2:node_per_min=1:seed=0"
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,110 @@ class Injection:
     spec: str = ""
 
 
+@dataclass(frozen=True)
+class RandomFault:
+    """The `index`-th fault of a random schedule: `at_s` seconds after its clock started, a "kill" (one rank) or a
+    "node" loss; `draw` picks the victim among the ranks or nodes there are when it fires (`victim`)."""
+
+    index: int
+    at_s: float
+    kind: str
+    draw: int
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        """The rank or node this fault strikes, of `candidates` (the same draw picks the same one of the same set)."""
+        ordered = sorted(set(candidates))
+        return ordered[self.draw % len(ordered)]
+
+
+@dataclass(frozen=True)
+class RandomFaults:
+    """A random schedule: kills and node losses as two Poisson processes in wall time (rates per minute), their
+    times and victims drawn from `seed`."""
+
+    kill_per_min: float
+    node_per_min: float
+    seed: int
+    spec: str
+
+    def faults(self) -> Iterator[RandomFault]:
+        """The schedule, endless and the same for the same seed: the merged process has the summed rate, and each
+        fault is a kill or a node loss in proportion to its rate."""
+        rng = random.Random(self.seed)
+        total = self.kill_per_min + self.node_per_min
+        at, index = 0.0, 0
+        while True:
+            at += rng.expovariate(total / 60.0)
+            kind = "kill" if rng.random() * total < self.kill_per_min else "node"
+            yield RandomFault(index, at, kind, rng.randrange(1 << 30))
+            index += 1
+
+
+class RandomClock:
+    """Which faults of a random schedule are due. The clock starts when the run first trains (`start`): the
+    schedule strikes training and recovery, not the launch. A relaunched run skips the `done` faults it fired."""
+
+    def __init__(self, schedule: RandomFaults, done: int = 0):
+        self.schedule = schedule
+        self.started_at: Optional[float] = None
+        self._faults = schedule.faults()
+        self._next = next(self._faults)
+        while self._next.index < done:
+            self._next = next(self._faults)
+
+    def start(self, now: float) -> None:
+        if self.started_at is None:
+            self.started_at = now
+
+    def due(self, now: float) -> list[RandomFault]:
+        """The faults whose time has come by `now` (wall-clock seconds), each once."""
+        out: list[RandomFault] = []
+        while self.started_at is not None and self._next.at_s <= now - self.started_at:
+            out.append(self._next)
+            self._next = next(self._faults)
+        return out
+
+
+def is_random(spec: str) -> bool:
+    """A random schedule's spec ("random:...")."""
+    return spec.split(":", 1)[0] == RANDOM
+
+
+def parse_random(spec: str) -> RandomFaults:
+    """"random:kill_per_min=2:node_per_min=1:seed=0" -> RandomFaults (a missing rate is 0, the seed 0)."""
+    values: dict[str, float] = {}
+    for field_ in spec.split(":")[1:]:
+        key, _, value = field_.partition("=")
+        if key not in RANDOM_FIELDS or not value:
+            raise ConfigError(f"fault.inject '{spec}': '{field_}' is not one of the random schedule's fields "
+                              f"{', '.join(f'{k}=...' for k in RANDOM_FIELDS)}; e.g. {RANDOM_EXAMPLE}")
+        try:
+            values[key] = int(value) if key == "seed" else float(value)
+        except ValueError:
+            raise ConfigError(f"fault.inject '{spec}': {key}={value} is not a number") from None
+    kill, node = values.get("kill_per_min", 0.0), values.get("node_per_min", 0.0)
+    if min(kill, node) < 0 or kill + node <= 0 or not (kill + node) < float("inf"):
+        raise ConfigError(f"fault.inject '{spec}': kill_per_min={kill} and node_per_min={node} must be >= 0 and "
+                          f"not both 0 (faults per minute of wall time); e.g. {RANDOM_EXAMPLE}")
+    return RandomFaults(kill, node, int(values.get("seed", 0)), spec)
+
+
+def parse_faults(specs: Sequence[str]) -> tuple[list[Injection], Optional[RandomFaults]]:
+    """fault.inject -> (the injections at steps, the random schedule or None); at most one random schedule."""
+    fixed = [parse_injection(s) for s in specs if not is_random(s)]
+    randoms = [parse_random(s) for s in specs if is_random(s)]
+    if len(randoms) > 1:
+        raise ConfigError(f"fault.inject has {len(randoms)} random schedules ({', '.join(r.spec for r in randoms)}); "
+                          f"give one, with the rates summed, e.g. {RANDOM_EXAMPLE}")
+    return fixed, (randoms[0] if randoms else None)
+
+
 def parse_injection(spec: str) -> Injection:
     """"kill:rank=1:step=5" -> Injection; a malformed one is a ConfigError naming the fix."""
     kind, *fields = spec.split(":")
     if kind not in KINDS:
-        raise ConfigError(f"fault.inject '{spec}': unknown kind '{kind}'; use one of {sorted(KINDS)}, "
-                          f"e.g. kill:rank=1:step=5")
+        raise ConfigError(f"fault.inject '{spec}': unknown kind '{kind}'; use one of {sorted(KINDS)} or {RANDOM}, "
+                          f"e.g. kill:rank=1:step=5 or {RANDOM_EXAMPLE}")
     values: dict[str, Any] = {}
     for field_ in fields:
         key, _, value = field_.partition("=")
@@ -63,7 +166,7 @@ class FaultInjector:
     def __init__(self, specs: list[str], rank: int, run_dir: str):
         self.rank, self.run_dir = rank, run_dir
         done = fired(run_dir)
-        self.pending = [i for i in map(parse_injection, specs)
+        self.pending = [i for i in parse_faults(specs)[0]
                         if i.kind != "node" and i.rank == rank and i.spec not in done]
         self.slow: Optional[Injection] = None
         self.last_seconds = self.slept = 0.0

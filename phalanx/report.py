@@ -17,6 +17,7 @@ from typing import Optional
 
 from phalanx.errors import PhalanxError
 from phalanx.events import read_events, read_jsonl
+from phalanx.goodput_measure import ettr_line, measured_ettr
 
 PLOT = "loss.png"  # loss and throughput, side by side (README names it)
 # kind -> (colour, line style, line width, legend). Marks often share a step (a kill at step 8 is detected
@@ -189,6 +190,7 @@ def report(run_dir: str) -> str:
         f"loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}), "
         f"{last['loss'] / first['loss'] * 100:.1f}% of the first",
         f"throughput {last['tokens_per_s']:,.0f} tokens/s; resumes {resumes}; failures {failures}",
+        *([ettr_line(measured_ettr(run_dir))] if any("time" in m for m in metrics) else []),
         *recovery_table(events),
         f"plot: {out}",
     ]

@@ -22,14 +22,16 @@ pytestmark = pytest.mark.slow
 BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))  # (benchmarks/parts/: pieces of them)
 SKIPPED = 77  # a benchmark whose anchor is not installed says why on stderr and exits with this (recovery.py)
 TIMEOUT_S = 240
-# recovery.py and elastic.py with the bench extra start a Ray cluster per side and wait out a failure on each.
-TIMEOUTS_S = {"recovery": 420, "elastic": 600}
+# recovery.py and elastic.py with the bench extra start a Ray cluster per side and wait out a failure on each;
+# goodput.py starts a 3-node cluster and recovers from random faults.
+TIMEOUTS_S = {"recovery": 420, "elastic": 600, "goodput": 420}
 # Keys of the last line that RESULTS.md quotes, beside `speedup`; a new benchmark needs only `speedup`.
 KEYS = {
     "checkpoint": {"stall_ms", "step_overhead_pct", "encode_gbps", "snapshot_matches_state"},
     "data_prepare": {"phalanx_tokens_per_s", "datasets_tokens_per_s", "tokens"},
     "elastic": {"phalanx_ms", "anchor_ms", "bytes"},
     "erasure": {"anchor", "encode_gbps", "decode_gbps", "configs"},
+    "goodput": {"max_diff_points", "rates", "terms"},
     "moe": {"one_process", "ep2"},
     "pipeline": {"bubble", "bubble_max_diff_points", "phalanx_ms", "anchor_ms"},
     "plan": {"max_abs_error", "within_25pct", "layouts", "recommended_vs_best"},
@@ -45,7 +47,7 @@ def test_every_benchmark_is_found():
 
 
 # The ones that start a Ray cluster and time a failure run alone, after the tests that run side by side.
-USES_RAY = {"recovery", "elastic"}
+USES_RAY = {"recovery", "elastic", "goodput"}
 
 
 @pytest.fixture(scope="module")

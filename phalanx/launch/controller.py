@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from phalanx.errors import ConfigError, PhalanxError
 from phalanx.events import append_event, read_events
-from phalanx.faults import fired, parse_injection
+from phalanx.faults import RandomClock, fired, parse_faults
 from phalanx.launch.attempt import AttemptLauncher, NoRoom, newest_checkpoint
 from phalanx.launch.failures import Failure, RankEnd, Reports, classify_failure, next_question
 from phalanx.launch.ray_setup import connect
@@ -76,7 +76,12 @@ class Controller:
         self.cfg, self.fault, self.workers, self.run_dir = cfg, cfg.fault, workers, run_dir
         self.attempts = AttemptLauncher(cfg, config_path, overrides, workers, run_dir)
         self.keepers = self.attempts.keepers  # node index -> KeeperActor
-        self.node_injections = [i for i in map(parse_injection, cfg.fault.inject) if i.kind == "node"]
+        injections, randoms = parse_faults(cfg.fault.inject)
+        self.node_injections = [i for i in injections if i.kind == "node"]
+        self.random: Optional[RandomClock] = None  # a random schedule of kills and node losses, fired from here
+        if randoms is not None:
+            done = sum(e.get("spec") == randoms.spec for e in read_events(run_dir, kinds={"fault_injected"}))
+            self.random = RandomClock(randoms, done)
         self.straggling: set[int] = set()
         self.node_ids: list[str] = []  # Ray node of each rank in the current attempt
         self.lost_nodes: set[int] = set()  # nodes whose keeper and workers an injected node loss killed
@@ -184,6 +189,7 @@ class Controller:
                 raise Failure("grow", [], [], time.time(), detail=f"Ray has room for --workers={self.target} again")
             self._stragglers(beats, nodes)
             self._inject_node_loss(beats, workers, nodes, kill)
+            self._inject_random(beats, workers, nodes, kill)
 
     def _room_to_grow(self, beats: dict[int, dict[str, Any]]) -> bool:
         """An elastic run below --workers whose attempt trains (its keepers hold a step of this layout), now
@@ -317,11 +323,35 @@ class Controller:
                 continue
             append_event(self.run_dir, "fault_injected", spec=injection.spec, kind="node", node=injection.node,
                          step=step)
-            self.lost_nodes.add(injection.node)
-            kill(self.keepers.pop(injection.node, None))
-            for rank, node in enumerate(nodes):
-                if node == injection.node:
-                    kill(workers[rank])
+            self._lose_node(injection.node, workers, nodes, kill)
+
+    def _lose_node(self, lost: int, workers: list[Any], nodes: list[int], kill: Any) -> None:
+        """An injected node loss: the node's keeper (its snapshots) and workers die; the node stays in Ray."""
+        self.lost_nodes.add(lost)
+        kill(self.keepers.pop(lost, None))
+        for rank, node in enumerate(nodes):
+            if node == lost:
+                kill(workers[rank])
+
+    def _inject_random(self, beats: dict[int, dict[str, Any]], workers: list[Any], nodes: list[int],
+                       kill: Any) -> None:
+        """The random schedule's due faults (its clock starts at the first trained step) on this attempt's ranks
+        and nodes, also while it recovers; between a failure and the next start they strike the survivors and
+        keepers, which that start replaces (a rank with no process then has nothing to kill)."""
+        if self.random is None or not nodes:
+            return
+        now = time.time()
+        if any(b["step"] > 0 for b in beats.values()):
+            self.random.start(now)
+        for fault in self.random.due(now):
+            where = {"rank": fault.victim(range(len(workers)))} if fault.kind == "kill" else \
+                {"node": fault.victim(nodes)}
+            append_event(self.run_dir, "fault_injected", spec=self.random.schedule.spec, kind=fault.kind,
+                         step=self.reached, index=fault.index, at_s=fault.at_s, **where)
+            if fault.kind == "kill":
+                kill(workers[where["rank"]])
+            else:
+                self._lose_node(where["node"], workers, nodes, kill)
 
     # ---- the run -----------------------------------------------------------------------------
 
@@ -332,8 +362,10 @@ class Controller:
 
         restarts, attempt, failure, last_step = 0, 0, None, 0
         pg, node_ids, bundles = None, [], []
+        nodes: list[int] = []  # node index of each rank in the last attempt
         workers: list[Optional[Any]] = [None] * self.workers
         launched = time.time()
+        append_event(self.run_dir, "launch", workers=self.workers)
         try:
             while True:
                 futures: list[Any] = []
@@ -348,6 +380,8 @@ class Controller:
                             kill(worker)
                         workers = [None] * self.attempts.workers
                     self.node_ids, self.lost_nodes = list(node_ids), set()
+                    if len(nodes) == len(workers):  # faults due while recovering strike the survivors and keepers
+                        self._inject_random({}, workers, nodes, kill)
                     try:
                         workers, nodes, futures = self.attempts.start(attempt, pg, node_ids, bundles, workers)
                     except ray.exceptions.RayActorError as err:  # a node Ray had not yet seen die held a bundle

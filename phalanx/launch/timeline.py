@@ -15,7 +15,8 @@ def _line(event: dict[str, Any]) -> str:
         return f"attempt {event['attempt']}: workers on nodes {event['nodes']}"
     if kind == "fault_injected":
         where = f"node {event['node']}" if event.get("kind") == "node" else f"rank {event.get('rank')}"
-        return f"fault injected: {event['spec']} ({where}, step {event['step']})"
+        nth = f" #{event['index']}" if "index" in event else ""  # the n-th fault of a random schedule
+        return f"fault injected: {event['spec']}{nth} ({where}, step {event['step']})"
     if kind == "failure":
         if not event["ranks"]:  # not a failure: an elastic run's room to grow
             return f"{event['cause']}: {event.get('detail', '')}"

@@ -448,6 +448,7 @@ class Trainer:
             # the global sample ids this step trained on, [first, end): the same for every layout
             "samples": [self.data.consumed - self.cfg.train.batch_size, self.data.consumed],
             "step_seconds": seconds,
+            "time": time.time(),  # wall clock as the step is measured: `phalanx report` places steps among the events
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": per_device,
             "mfu": mfu,
