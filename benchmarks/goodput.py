@@ -63,7 +63,7 @@ FULL = {"workers": 4, "cpus": [2, 1, 1], "persist_every": 20,
                               "node:node=1:step=250", "node:node=2:step=250"]),
         # (name, kills per minute, node losses per minute, steps, seed): one fault per 30 s and one per 15 s, each
         # long enough for >= 10 faults from its seed (the seeds are the rates' indices)
-        "rates": [("1 per 30 s", 1.0, 1.0, 900, 0), ("1 per 15 s", 2.0, 2.0, 200, 1)]}
+        "rates": [("1 per 30 s", 1.0, 1.0, 900, 0), ("1 per 15 s", 2.0, 2.0, 400, 1)]}
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
         "data.seq_len=32", "train.batch_size=6", "train.micro_batch_size=2", "optim.warmup_steps=2"]
 # --quick: one kill 4.1 s into training (seed 3's first fault; its second comes at 41 s, after the run's end)
