@@ -106,16 +106,8 @@ def is_random(spec: str) -> bool:
 
 def parse_random(spec: str) -> RandomFaults:
     """"random:kill_per_min=2:node_per_min=1:seed=0" -> RandomFaults (a missing rate is 0, the seed 0)."""
-    values: dict[str, float] = {}
-    for field_ in spec.split(":")[1:]:
-        key, _, value = field_.partition("=")
-        if key not in RANDOM_FIELDS or not value:
-            raise ConfigError(f"fault.inject '{spec}': '{field_}' is not one of the random schedule's fields "
-                              f"{', '.join(f'{k}=...' for k in RANDOM_FIELDS)}; e.g. {RANDOM_EXAMPLE}")
-        try:
-            values[key] = int(value) if key == "seed" else float(value)
-        except ValueError:
-            raise ConfigError(f"fault.inject '{spec}': {key}={value} is not a number") from None
+    values = _fields(spec, spec.split(":")[1:], RANDOM_FIELDS, "the random schedule's", f"; e.g. {RANDOM_EXAMPLE}",
+                     integer=("seed",))
     kill, node = values.get("kill_per_min", 0.0), values.get("node_per_min", 0.0)
     if min(kill, node) < 0 or kill + node <= 0 or not (kill + node) < float("inf"):
         raise ConfigError(f"fault.inject '{spec}': kill_per_min={kill} and node_per_min={node} must be >= 0 and "
@@ -133,22 +125,29 @@ def parse_faults(specs: Sequence[str]) -> tuple[list[Injection], Optional[Random
     return fixed, (randoms[0] if randoms else None)
 
 
+def _fields(spec: str, fields: Sequence[str], allowed: Sequence[str], owner: str, example: str,
+            integer: Sequence[str]) -> dict[str, Any]:
+    """"key=value" fields of `spec` -> {key: number} (ints for `integer` keys); a ConfigError naming the field."""
+    values: dict[str, Any] = {}
+    for field_ in fields:
+        key, _, value = field_.partition("=")
+        if key not in allowed or not value:
+            raise ConfigError(f"fault.inject '{spec}': '{field_}' is not one of {owner} fields "
+                              f"{', '.join(f'{k}=...' for k in allowed)}{example}")
+        try:
+            values[key] = int(value) if key in integer else float(value)
+        except ValueError:
+            raise ConfigError(f"fault.inject '{spec}': {key}={value} is not a number") from None
+    return values
+
+
 def parse_injection(spec: str) -> Injection:
     """"kill:rank=1:step=5" -> Injection; a malformed one is a ConfigError naming the fix."""
     kind, *fields = spec.split(":")
     if kind not in KINDS:
         raise ConfigError(f"fault.inject '{spec}': unknown kind '{kind}'; use one of {sorted(KINDS)} or {RANDOM}, "
                           f"e.g. kill:rank=1:step=5 or {RANDOM_EXAMPLE}")
-    values: dict[str, Any] = {}
-    for field_ in fields:
-        key, _, value = field_.partition("=")
-        if key not in KINDS[kind] or not value:
-            raise ConfigError(f"fault.inject '{spec}': '{field_}' is not one of {kind}'s fields "
-                              f"{', '.join(f'{k}=...' for k in KINDS[kind])}")
-        try:
-            values[key] = float(value) if key == "factor" else int(value)
-        except ValueError:
-            raise ConfigError(f"fault.inject '{spec}': {key}={value} is not a number") from None
+    values = _fields(spec, fields, KINDS[kind], f"{kind}'s", "", integer=("rank", "step", "node"))
     missing = [k for k in KINDS[kind] if k not in values and k != "factor"]
     if missing:
         raise ConfigError(f"fault.inject '{spec}': missing {', '.join(missing)}; e.g. "
