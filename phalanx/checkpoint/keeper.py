@@ -36,7 +36,7 @@ import traceback
 from typing import Any, Callable, Optional
 
 from phalanx.checkpoint.gate import HandshakeGate
-from phalanx.checkpoint.held import ParitySlot, RankState, Slot, held_steps
+from phalanx.checkpoint.held import HeldParity, RankState, Slot, held_steps
 from phalanx.checkpoint.wire import SMALL_PAYLOAD_BYTES, Field, WireError, field_problem, recv, send
 from phalanx.errors import PhalanxError
 
@@ -87,9 +87,7 @@ class Keeper:
         # (rank, fingerprint) -> the memory of an earlier layout's rank, kept when a launch of another layout
         # registers that rank: the new launch reshards it (`reshard.py`); dropped at the new layout's first commit
         self.retired: dict[tuple[int, str], RankState] = {}
-        self.parity: dict[tuple[int, int], list[ParitySlot]] = {}
-        # (fingerprint, rank) -> {"layout", "nbytes"} of the members of the groups whose parity this keeper holds
-        self.member_layouts: dict[tuple[str, int], dict[str, Any]] = {}
+        self.parity = HeldParity()
         self.persist_queue: "queue.Queue[dict]" = queue.Queue()
         self.persist_results: dict[tuple[int, int], dict[str, Any]] = {}  # (rank, step) -> outcome
         self.persisting = 0
@@ -180,9 +178,7 @@ class Keeper:
             self._close(self.retired.pop(key))
         for rank in [r for r, state in self.ranks.items() if state.plan.get("fingerprint", "") != fingerprint]:
             self._close(self.ranks.pop(rank))
-        for key, slots in self.parity.items():
-            slots[:] = [s for s in slots if s.fingerprint == fingerprint]
-        self.member_layouts = {key: v for key, v in self.member_layouts.items() if key[0] == fingerprint}
+        self.parity.keep_only(fingerprint)
 
     @staticmethod
     def _close(state: Optional[RankState]) -> None:
@@ -215,8 +211,6 @@ class Keeper:
     def parity_add(self, gid: int, j: int, step: int, index: int, members: list[int], length: int,
                    fingerprint: str, epoch: str, payload: Optional[memoryview], k: int = 0, m: int = 0
                    ) -> dict[str, Any]:
-        import numpy as np  # not torch: a keeper of a run that only codes parity never loads it
-
         payload = payload if payload is not None else memoryview(b"")
         if index >= len(members):
             raise IndexError(f"member index {index} is outside the group's {len(members)} members")
@@ -226,26 +220,7 @@ class Keeper:
         if len(payload) > length:
             raise ValueError(f"parity payload of {len(payload)} bytes is longer than its length {length}")
         with self.lock:
-            slots = self.parity.setdefault((gid, j), [])
-            target = next((s for s in slots if s.step == step and s.epoch == epoch), None)
-            if target is None:
-                # Steps at or after this one belong to a timeline that was rolled back (a restore from
-                # an older step): stale. Of the rest, only the newest complete parity is kept.
-                complete = [s for s in slots if s.step < step and s.complete]
-                slots[:] = [max(complete, key=lambda s: s.step)] if complete else []
-                target = ParitySlot(step, bytearray(length), list(members), fingerprint, epoch, k, m)
-                slots.append(target)
-            if index in target.got:
-                return {"error": f"parity {j} of group {gid} step {step} already holds member {index}"}
-            if len(payload) > len(target.buffer):
-                raise ValueError(f"parity payload of {len(payload)} bytes is longer than the {len(target.buffer)} "
-                                 f"bytes of parity {j} of group {gid} step {step}")
-            target.got.add(index)
-            if len(payload):
-                dst = np.frombuffer(target.buffer, dtype=np.uint8, count=len(payload))
-                np.bitwise_xor(dst, np.frombuffer(payload, dtype=np.uint8), out=dst)
-            known = (fingerprint, members[index]) in self.member_layouts
-            return {"complete": target.complete, "need_layout": not known}
+            return self.parity.add(gid, j, step, index, members, length, fingerprint, epoch, payload, k, m)
 
     def member_layout(self, rank: int, fingerprint: str, layout: dict[str, Any], nbytes: int) -> dict[str, Any]:
         """The flat layout of a member of a group whose parity this keeper holds (`layout` serves it)."""
@@ -253,20 +228,15 @@ class Keeper:
             raise ValueError(f"member block of {nbytes} bytes exceeds this keeper's frame limit of "
                              f"{self.frame_limit} bytes")
         with self.lock:
-            if not any(s.fingerprint == fingerprint and rank in s.members for slots in self.parity.values()
-                       for s in slots):
+            if not self.parity.member_layout(rank, fingerprint, layout, nbytes):
                 return {"error": f"the keeper of node {self.node} holds no parity of rank {rank}, layout {fingerprint}"}
-            self.member_layouts[(fingerprint, rank)] = {"layout": layout, "nbytes": nbytes}
             return {}
 
     def inventory(self) -> dict[str, Any]:
         with self.lock:
             data = {str(rank): held_steps(state) for rank, state in self.ranks.items()}
             retired = [{"rank": rank, **held_steps(state)} for (rank, _), state in self.retired.items()]
-            parity = [{"gid": gid, "j": j, "step": s.step, "members": s.members, "length": len(s.buffer),
-                       "fp": s.fingerprint, "k": s.k, "m": s.m}
-                      for (gid, j), slots in self.parity.items() for s in slots if s.complete]
-            return {"node": self.node, "data": data, "parity": parity, "retired": retired}
+            return {"node": self.node, "data": data, "parity": self.parity.inventory(), "retired": retired}
 
     def fetch(self, rank: int, step: int, fingerprint: Optional[str] = None) -> tuple[dict[str, Any], memoryview]:
         with self.lock:
@@ -280,14 +250,13 @@ class Keeper:
             state = self._held(rank, fingerprint)
             if state is not None:
                 return {"layout": state.plan.get("layout"), "nbytes": state.nbytes}
-            if (fingerprint, rank) in self.member_layouts:
-                return dict(self.member_layouts[(fingerprint, rank)])
+            if (fingerprint, rank) in self.parity.layouts:
+                return dict(self.parity.layouts[(fingerprint, rank)])
             return {"error": f"rank {rank} of layout {fingerprint} is not held by the keeper of node {self.node}"}
 
     def fetch_parity(self, gid: int, j: int, step: int) -> tuple[dict[str, Any], Optional[memoryview]]:
         with self.lock:
-            slots = self.parity.get((gid, j), [])
-            match = next((s for s in slots if s.step == step and s.complete), None)
+            match = self.parity.complete(gid, j, step)
         if match is None:
             return {"error": f"no complete parity {j} of group {gid} for step {step} on node {self.node}"}, None
         return {}, memoryview(match.buffer)

@@ -106,15 +106,21 @@ class Restorer:
                 self.event("reshard_skipped", step=other.step, from_layout=other.parallel, problem=problems[0])
             return None
 
+        fetched: dict[int, torch.Tensor] = {}  # a member's block a decode read is not read again by the reshard
+
         def fetch(rank: int) -> torch.Tensor:
+            if rank in fetched:
+                return fetched[rank]
             if rank not in other.holders:
                 codec = ErasureCodec(decoded[rank][0][1]["k"], decoded[rank][0][1]["m"])
                 block = decode_member(rank, codec, decoded[rank], lambda r: fetch(r) if r in other.holders else None,
                                       self._parity_fetcher(other.step))
-                return block[: layouts[rank].nbytes]
-            _, payload = self.peers.call(other.holders[rank], "fetch", rank=rank, step=other.step,
-                                         fp=other.fingerprint, limit=layouts[rank].nbytes)
-            return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                fetched[rank] = block[: layouts[rank].nbytes]
+            else:
+                _, payload = self.peers.call(other.holders[rank], "fetch", rank=rank, step=other.step,
+                                             fp=other.fingerprint, limit=layouts[rank].nbytes)
+                fetched[rank] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            return fetched[rank]
 
         state, read = reshard(template, layouts, fetch, self.rank_local_keys,
                               prefer=lambda rank: other.holders.get(rank) == self.node)

@@ -119,7 +119,7 @@ def test_a_payload_with_a_wrong_checksum_is_refused(keeper):
     sock.sendall(struct.pack("<4sIQ", MAGIC, len(header), len(payload)) + header + payload)
     with pytest.raises((WireError, ConnectionError, OSError)):
         recv(sock)  # the keeper drops the connection: nothing was accumulated
-    assert k.parity == {}
+    assert k.parity.slots == {}
 
 
 def test_slots_parity_and_stale_steps(keeper):
@@ -303,7 +303,7 @@ def test_parity_beyond_the_largest_registered_block_is_refused(keeper):
         client.call("parity_add", payload=memoryview(b"\x01" * 16), length=8, **parity)
     with pytest.raises(WireError, match="member index 2 is outside"):
         client.call("parity_add", payload=memoryview(b"\x01" * 16), length=16, **{**parity, "index": 2})
-    assert k.parity.get((0, 0), []) == [] and client.call("inventory")[0]["parity"] == []
+    assert k.parity.slots.get((0, 0), []) == [] and client.call("inventory")[0]["parity"] == []
     client.close()
 
 
